@@ -1,0 +1,371 @@
+"""Checkpoints: pgseg's own format (safetensors + YAML + a weights-only training state) and the official files.
+
+Official GroupViT / PGSeg ``.pth`` files are pickles holding ``model`` (a state dict) and ``config`` (an OmegaConf
+``DictConfig``). They are read with a restricted unpickler: tensor storage and plain containers are allowed, the
+OmegaConf objects become inert stubs that are turned into plain dicts, and any other global is refused with an error
+naming it, before anything is constructed. Nothing in the file can run code.
+
+pgseg's format is a directory::
+
+    model.safetensors   weights (official key names)
+    config.yaml         the resolved config (at least its ``model`` section)
+    train_state.pt      optional: optimizer, scheduler, scaler, step, RNG, data position; loads with weights_only=True
+
+written to a temporary sibling and renamed into place, so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field, is_dataclass
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
+
+from .config import ConfigError, ModelConfig, TrainConfig, config_to_yaml, load_model_config, model_config_from_dict
+
+log = logging.getLogger(__name__)
+
+__all__ = ['UnsafeCheckpointError', 'CheckpointError', 'LoadReport', 'read_official_checkpoint',
+           'model_config_from_official', 'infer_model_config', 'load_state_into', 'save_checkpoint',
+           'load_checkpoint', 'load_model', 'find_latest', 'convert_official', 'NPR_ONLY_KEY']
+
+WEIGHTS_NAME, CONFIG_NAME, STATE_NAME = 'model.safetensors', 'config.yaml', 'train_state.pt'
+# Keys a GroupViT file lacks when loaded into the PGSeg architecture (reference-spec §7.4), plus pgseg's paper buffers.
+NPR_ONLY_KEY = re.compile(r'(^img_encoder\.logit_scale$|\.downsample_spatial\.|^img_encoder\.mapping_text\.|'
+                          r'^text_encoder\.Atten\.|^text_encoder\.token_prototypes\.)')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, malformed, or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The pickle refers to a global outside the allow-list."""
+
+
+# ---------------------------------------------------------------------------------------------- restricted unpickling
+_ALLOWED_GLOBALS = {
+    ('torch._utils', '_rebuild_tensor'), ('torch._utils', '_rebuild_tensor_v2'), ('torch._utils', '_rebuild_parameter'),
+    ('torch._utils', '_rebuild_parameter_with_state'), ('torch', 'Size'), ('torch', 'device'),
+    ('collections', 'OrderedDict'), ('collections', 'defaultdict'),
+    *(('builtins', n) for n in ('dict', 'list', 'tuple', 'set', 'frozenset', 'int', 'float', 'str', 'bool', 'bytes',
+                                'complex', 'slice', 'bytearray')),
+    *(('torch', n) for n in ('float32', 'float64', 'float16', 'bfloat16', 'int64', 'int32', 'int16', 'int8', 'uint8',
+                             'bool')),
+}
+# Configuration objects of the training harness: replaced by inert stubs, never imported.
+_STUBBED_MODULES = ('omegaconf', 'typing', 'enum', 'pathlib')
+
+
+class _Stub:
+    """Stands in for a pickled config object: stores the constructor arguments and state, runs nothing."""
+    __slots__ = ('args', 'state')
+    qualname = 'stub'
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f'<stub {self.qualname}>'
+
+
+_STUB_TYPES: dict[str, type] = {}
+
+
+def _stub_type(module: str, name: str) -> type:
+    key = f'{module}.{name}'
+    if key not in _STUB_TYPES:
+        _STUB_TYPES[key] = type(name, (_Stub,), {'__slots__': (), 'qualname': key})
+    return _STUB_TYPES[key]
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == '__builtin__':  # protocol-2 files written by Python 2 era tools name builtins this way
+            module, name = 'builtins', {'long': 'int', 'unicode': 'str'}.get(name, name)
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module.split('.')[0] in _STUBBED_MODULES:
+            return _stub_type(module, name)
+        raise UnsafeCheckpointError(
+            f'refusing to load global {module}.{name}: official checkpoints hold only tensors, plain containers '
+            f'and OmegaConf configs. If you trust this file, convert it with the code that wrote it.')
+
+
+class _RestrictedPickleModule:
+    """What ``torch.load(pickle_module=...)`` needs: an ``Unpickler`` and ``load``."""
+    Unpickler = _RestrictedUnpickler
+    __name__ = 'pgseg_restricted_pickle'
+
+    @staticmethod
+    def load(file, **kwargs):
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+
+def _plain(obj: Any) -> Any:
+    """Stubbed OmegaConf containers and nodes -> plain dicts, lists and values."""
+    if isinstance(obj, _Stub):
+        state = obj.state if isinstance(obj.state, dict) else {}
+        if '_content' in state:
+            return _plain(state['_content'])
+        if '_val' in state:
+            return _plain(state['_val'])
+        return None
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+@dataclass
+class OfficialCheckpoint:
+    state_dict: dict[str, torch.Tensor]
+    config: Optional[dict]  # the pickled OmegaConf config as plain data, if the file has one
+    meta: dict = field(default_factory=dict)  # epoch, metrics, ... when present
+
+
+def read_official_checkpoint(path: str | os.PathLike) -> OfficialCheckpoint:
+    """Read an official GroupViT / PGSeg ``.pth`` safely (see the module docstring)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        raw = torch.load(path, map_location='cpu', weights_only=False, pickle_module=_RestrictedPickleModule)
+    except UnsafeCheckpointError as exc:
+        raise UnsafeCheckpointError(f'{path}: {exc}') from None
+    except Exception as exc:
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})') from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f'{path}: expected a dict at the top level, found {type(raw).__name__}')
+    state = raw.get('model', raw)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path}: 'model' is not a state dict of tensors")
+    state = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
+    config = _plain(raw['config']) if 'config' in raw else None
+    meta = {k: _plain(v) for k, v in raw.items() if k in ('epoch', 'metrics', 'max_accuracy', 'max_miou')}
+    return OfficialCheckpoint(state_dict=state, config=config, meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------- official -> config
+def model_config_from_official(config: dict, state_dict: dict[str, torch.Tensor]) -> ModelConfig:
+    """Translate the official ``config.model`` section to a :class:`ModelConfig` (reference NPR variant, so that
+    the official keys match one to one)."""
+    m = config.get('model', config)
+    img, txt = m.get('img_encoder', {}), m.get('text_encoder', {})
+    img_type = str(img.get('type', ''))
+    arch = 'pgseg' if img_type == 'PGSeg' or 'img_encoder.layers.0.downsample_spatial.mu' in state_dict else 'groupvit'
+    image = {k: img[k] for k in ('img_size', 'patch_size', 'embed_dim', 'embed_factors', 'depths', 'num_heads',
+                                 'num_group_tokens', 'num_output_groups', 'drop_rate', 'drop_path_rate',
+                                 'attn_drop_rate', 'mlp_ratio', 'qkv_bias', 'patch_norm') if k in img}
+    if 'hard_assignment' in img:
+        image['hard_assignment'] = img['hard_assignment']
+    text = {k: txt[k] for k in ('context_length', 'width', 'layers', 'vocab_size') if k in txt}
+    values: dict[str, Any] = {'arch': arch, 'image': image, 'text': text}
+    for key in ('output_dim', 'contrast_temperature', 'proj_num_layers', 'multi_label', 'share_temperature',
+                'multi_label_loss_weight'):
+        if key in m:
+            values[key] = m[key]
+    if arch == 'pgseg':
+        values['npr'] = {'variant': 'reference'}
+        mu = state_dict.get('text_encoder.Atten.mu')
+        if mu is not None:
+            values['npr']['num_text_prototypes'] = int(mu.shape[1])
+    return model_config_from_dict(values, where='official checkpoint config')
+
+
+def infer_model_config(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
+    """Best-effort config from tensor shapes alone, for files without a config. Head counts cannot be read from
+    shapes: they follow the official rule (width // 64)."""
+    s = state_dict
+    try:
+        embed = s['img_encoder.pos_embed'].shape[-1]
+        patch = s['img_encoder.patch_embed.proj.weight'].shape[-1]
+        side = int(round(s['img_encoder.pos_embed'].shape[1] ** 0.5))
+        n_stages = 1 + max(int(k.split('.')[2]) for k in s if k.startswith('img_encoder.layers.'))
+        depths = [1 + max([int(k.split('.')[4]) for k in s if k.startswith(f'img_encoder.layers.{i}.blocks.')],
+                          default=-1) for i in range(n_stages)]
+        groups = [s[f'img_encoder.layers.{i}.group_token'].shape[1] if f'img_encoder.layers.{i}.group_token' in s
+                  else 0 for i in range(n_stages)]
+        outs = [s[f'img_encoder.layers.{i}.downsample.mlp_inter.fc2.weight'].shape[0] for i in range(n_stages - 1)]
+        width = s['text_encoder.positional_embedding'].shape[1]
+        layers = 1 + max(int(k.split('.')[3]) for k in s if k.startswith('text_encoder.transformer.resblocks.'))
+        values = {
+            'arch': 'pgseg' if 'img_encoder.layers.0.downsample_spatial.mu' in s else 'groupvit',
+            'image': {'img_size': side * patch, 'patch_size': patch, 'embed_dim': embed, 'depths': depths,
+                      'embed_factors': [1] * n_stages, 'num_heads': [max(1, embed // 64)] * n_stages,
+                      'num_group_tokens': groups, 'num_output_groups': outs},
+            'text': {'context_length': s['text_encoder.positional_embedding'].shape[0], 'width': width,
+                     'layers': layers, 'vocab_size': s['text_encoder.token_embedding.weight'].shape[0]},
+            'output_dim': s['img_projector.linear_out.weight'].shape[0],
+            'multi_label': 1 if 'multi_label_logit_scale' in s else 0,
+        }
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f'cannot infer the architecture from the state dict (missing {exc})') from None
+    if values['arch'] == 'pgseg':
+        values['npr'] = {'variant': 'reference'}
+    return model_config_from_dict(values, where='inferred from tensor shapes')
+
+
+# ---------------------------------------------------------------------------------------------- loading weights
+@dataclass
+class LoadReport:
+    fresh: list[str]  # model keys the file did not provide (left at initialisation)
+    ignored: list[str]  # file keys the model has no place for
+
+    def summary(self) -> str:
+        lines = []
+        if self.fresh:
+            lines.append(f'{len(self.fresh)} entries start fresh: ' + ', '.join(self.fresh))
+        if self.ignored:
+            lines.append(f'{len(self.ignored)} entries ignored: ' + ', '.join(self.ignored))
+        return '; '.join(lines) or 'all keys matched'
+
+
+def load_state_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = 'checkpoint',
+                    allow_npr_fresh: bool = False, allow_npr_ignored: bool = False) -> LoadReport:
+    """Copy ``state_dict`` into ``model`` strictly: every key must match in name and shape.
+
+    ``allow_npr_fresh`` lets PGSeg-only entries (NPR modules, their temperature, text prototypes) start fresh, the
+    official fine-tuning recipe that starts PGSeg from a GroupViT file. ``allow_npr_ignored`` lets the file carry such
+    entries that the model lacks (an official PGSeg file into pgseg's paper variant). Everything else must match.
+    """
+    own = model.state_dict()
+    fresh = sorted(k for k in own if k not in state_dict)
+    ignored = sorted(k for k in state_dict if k not in own)
+    bad_fresh = [k for k in fresh if not (allow_npr_fresh and NPR_ONLY_KEY.search(k))]
+    bad_ignored = [k for k in ignored if not (allow_npr_ignored and NPR_ONLY_KEY.search(k))]
+    if bad_fresh or bad_ignored:
+        raise CheckpointError(f'{source}: keys do not match the model. Missing from the file: '
+                              f'{bad_fresh[:10]}{" ..." if len(bad_fresh) > 10 else ""}; not in the model: '
+                              f'{bad_ignored[:10]}{" ..." if len(bad_ignored) > 10 else ""}')
+    shapes = [f'{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}' for k, v in state_dict.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if shapes:
+        raise CheckpointError(f'{source}: shape mismatch: ' + '; '.join(shapes[:10]))
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    report = LoadReport(fresh=fresh, ignored=ignored)
+    if fresh or ignored:
+        log.warning('%s: %s', source, report.summary())
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- pgseg's own format
+def _is_pgseg_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, WEIGHTS_NAME))
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: TrainConfig | ModelConfig,
+                    train_state: Optional[dict] = None) -> str:
+    """Write a pgseg checkpoint directory atomically (temporary sibling, then rename). Returns the path."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    model = getattr(model, 'module', model)  # unwrap DDP
+    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.tmp-', dir=parent)
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_safetensors(state, os.path.join(tmp, WEIGHTS_NAME), metadata={'format': 'pgseg'})
+        cfg = config if isinstance(config, TrainConfig) else TrainConfig(model=config)
+        with open(os.path.join(tmp, CONFIG_NAME), 'w') as f:
+            f.write(config_to_yaml(cfg))
+        if train_state is not None:
+            torch.save(train_state, os.path.join(tmp, STATE_NAME))
+        if os.path.exists(path):  # replace an older checkpoint of the same name: move it aside first
+            old = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.old-', dir=parent)
+            os.rename(path, os.path.join(old, 'ckpt'))
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig, Optional[dict]]:
+    """Read a pgseg checkpoint directory -> (state dict, model config, training state or None)."""
+    path = os.fspath(path)
+    if not _is_pgseg_dir(path):
+        raise CheckpointError(f'{path}: not a pgseg checkpoint directory (expected {WEIGHTS_NAME} and {CONFIG_NAME})')
+    try:
+        model_cfg = load_model_config(os.path.join(path, CONFIG_NAME))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    state = load_safetensors(os.path.join(path, WEIGHTS_NAME))
+    train_state = None
+    if os.path.isfile(os.path.join(path, STATE_NAME)):
+        train_state = torch.load(os.path.join(path, STATE_NAME), map_location='cpu', weights_only=True)
+    return state, model_cfg, train_state
+
+
+def find_latest(run_dir: str | os.PathLike) -> Optional[str]:
+    """The newest complete checkpoint directory ``ckpt-<step>`` in ``run_dir`` (by step), or None."""
+    run_dir = os.fspath(run_dir)
+    if not os.path.isdir(run_dir):
+        return None
+    found = []
+    for name in os.listdir(run_dir):
+        m = re.fullmatch(r'ckpt-(\d+)', name)
+        if m and _is_pgseg_dir(os.path.join(run_dir, name)):
+            found.append((int(m.group(1)), os.path.join(run_dir, name)))
+    return max(found)[1] if found else None
+
+
+# ---------------------------------------------------------------------------------------------- public entry points
+def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu', npr_variant: Optional[str] = None,
+               overrides: Optional[dict] = None):
+    """Build the model a checkpoint describes and load its weights; returns it in eval mode.
+
+    ``path``: a pgseg checkpoint directory, or an official GroupViT / PGSeg ``.pth`` file. Official PGSeg files load
+    as the ``reference`` NPR variant (their keys); pass ``npr_variant='paper'`` to fine-tune them with the fixed loss
+    (the release's scalar text prototypes and unused ``mapping_text`` are then reported as ignored).
+    """
+    from .models.model import GroupSegModel
+
+    path = os.fspath(path)
+    if _is_pgseg_dir(path):
+        state, cfg, _ = load_checkpoint(path)
+        source = path
+    else:
+        official = read_official_checkpoint(path)
+        state = official.state_dict
+        cfg = (model_config_from_official(official.config, state) if official.config is not None
+               else infer_model_config(state))
+        source = f'{path} (official format)'
+    if npr_variant is not None or overrides:
+        values = OmegaConf.to_container(OmegaConf.structured(cfg))
+        if npr_variant is not None:
+            values['npr']['variant'] = npr_variant
+        cfg = model_config_from_dict(OmegaConf.merge(values, overrides or {}), where='load_model overrides')
+    model = GroupSegModel(cfg)
+    load_state_into(model, state, source=source, allow_npr_fresh=npr_variant is not None,
+                    allow_npr_ignored=npr_variant is not None)
+    return model.to(map_location).eval()
+
+
+def convert_official(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """Official ``.pth`` -> pgseg checkpoint directory (weights and config, no training state)."""
+    model = load_model(src)
+    return save_checkpoint(dst, model, model.cfg)
+
+
+def _asdict(cfg: Any) -> Any:
+    return OmegaConf.to_container(OmegaConf.structured(cfg)) if is_dataclass(cfg) else cfg

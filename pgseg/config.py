@@ -1,0 +1,257 @@
+"""Typed configuration: a dataclass tree, loaded from YAML plus ``key=value`` overrides.
+
+Configuration flows one way: CLI -> :class:`TrainConfig` -> builders. Below the builders, functions take explicit
+arguments. Unknown keys, wrong types and missing required values raise :class:`ConfigError` naming the key.
+
+Defaults are the official PGSeg recipe (``reference-spec.md`` §1, §4, §5) unless a comment says otherwise.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Literal, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+__all__ = [
+    'ConfigError', 'ImageEncoderConfig', 'TextEncoderConfig', 'NPRConfig', 'ModelConfig', 'DataSourceConfig',
+    'DataConfig', 'OptimConfig', 'TrainLoopConfig', 'LogConfig', 'CheckpointConfig', 'EvalConfig', 'TrainConfig',
+    'load_config', 'load_model_config', 'model_config_from_dict', 'config_to_yaml',
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid. The message names the file, the key and what was expected."""
+
+
+@dataclass
+class ImageEncoderConfig:
+    """GroupViT image encoder: patch embedding, stages of ViT blocks with group tokens, grouping blocks."""
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 384
+    embed_factors: List[int] = field(default_factory=lambda: [1, 1, 1])
+    depths: List[int] = field(default_factory=lambda: [6, 3, 3])
+    num_heads: List[int] = field(default_factory=lambda: [6, 6, 6])
+    num_group_tokens: List[int] = field(default_factory=lambda: [64, 8, 0])
+    num_output_groups: List[int] = field(default_factory=lambda: [64, 8])
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    patch_norm: bool = True
+    hard_assignment: bool = True  # straight-through hard one-hot (with Gumbel noise in training)
+    gumbel: bool = True  # add Gumbel noise to the assignment logits in training
+    gumbel_tau: float = 1.0
+    assign_eps: float = 1.0
+    grad_checkpointing: bool = False  # activation checkpointing of every ViT block (saves memory, costs compute)
+
+
+@dataclass
+class TextEncoderConfig:
+    """CLIP-style causal text transformer (open_clip's TextTransformer, QuickGELU, EOT pooling)."""
+    context_length: int = 77
+    width: int = 256
+    layers: int = 12
+    heads: Optional[int] = None  # None: width // 64, as the official code
+    vocab_size: int = 49408
+
+
+@dataclass
+class NPRConfig:
+    """PGSeg's non-learnable prototype regularisation (``reference-spec.md`` §2).
+
+    ``variant: reference`` reproduces the released code, bugs included; ``paper`` does what the paper describes
+    (README, "Paper versus released code").
+    """
+    variant: Literal['reference', 'paper'] = 'paper'
+    em_iters: int = 10
+    momentum: float = 0.9
+    weight: float = 0.1  # 'para' in the official code: loss_pg = weight * (L1 + L2 + text_weight * L3)
+    text_weight: float = 0.1
+    hrs_threshold: float = 0.1
+    temperature: float = 0.1  # initial 1/exp(img_encoder.logit_scale) of the prototype contrastive loss
+    mapping_hidden_dim: int = 4096  # hidden width of the reconstruction MLP (mapping_x)
+    num_text_prototypes: int = 8  # reference: scalar text prototypes; paper: must equal the final group count
+    stage_weights: Optional[List[float]] = None  # paper only: per-stage image-term weights; None = all 1
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal['pgseg', 'groupvit'] = 'pgseg'
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    npr: NPRConfig = field(default_factory=NPRConfig)
+    output_dim: int = 256
+    proj_hidden_dim: int = 4096
+    proj_num_layers: int = 2
+    contrast_temperature: float = 0.07
+    multi_label: int = 0  # number of noun prompts per caption for GroupViT's multi-label loss; 0 = off
+    multi_label_loss_weight: float = 1.0
+    share_temperature: bool = False
+
+
+@dataclass
+class DataSourceConfig:
+    """One webdataset source: a brace pattern of shards, its sample count, and its sampling weight."""
+    name: str = MISSING
+    pattern: str = MISSING  # e.g. ${oc.env:PGSEG_DATA}/gcc3m/gcc-train-{000000..000436}.tar
+    length: Optional[int] = None  # None: read from sizes.json beside the shards
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    sources: List[DataSourceConfig] = field(default_factory=list)
+    batch_size: int = 1024  # per process
+    num_workers: int = 8
+    img_size: int = 224
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    augment: Literal['official_pgseg', 'official_groupvit', 'none'] = 'official_pgseg'
+    shuffle_buffer: int = 10000
+    resampled: bool = False
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    decay_set: Literal['pgseg', 'official'] = 'pgseg'  # 'official' also decays logit scales, pos/group tokens
+    clip_grad: Optional[float] = 5.0
+    scale_lr_with_batch: bool = False  # GroupViT: lr * global_batch / 4096
+    warmup_prefix: bool = True  # False reproduces the official LR drop at the end of warmup
+
+
+@dataclass
+class TrainLoopConfig:
+    epochs: int = 30
+    warmup_epochs: int = 10
+    steps_per_epoch: Optional[int] = None  # None: total samples // global batch
+    precision: Literal['fp32', 'bf16', 'fp16'] = 'bf16'
+    grad_accum_steps: int = 1
+    seed: int = 0
+    output_dir: str = 'runs/${oc.env:PGSEG_RUN_NAME,pgseg}'
+    max_nonfinite_steps: int = 20
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    wandb_mode: Literal['offline', 'online', 'disabled'] = 'offline'
+    wandb_project: str = 'pgseg'
+    wandb_name: Optional[str] = None
+    wandb_tags: List[str] = field(default_factory=list)
+    group_maps_every_steps: int = 1000
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 2000
+    keep_last: int = 3
+    init_from: Optional[str] = None  # official or pgseg checkpoint to start from (e.g. GroupViT for PGSeg)
+    resume: Optional[str] = 'auto'
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0 = no in-training evaluation
+    datasets: List[str] = field(default_factory=lambda: ['voc'])
+    data_root: str = '${oc.env:PGSEG_EVAL_DATA,data/eval}'
+    protocol: str = 'pgseg'
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _config_error(exc: Exception, where: str) -> ConfigError:
+    key = getattr(exc, 'full_key', None) or getattr(exc, 'key', None)
+    msg = getattr(exc, 'msg', None) or str(exc).splitlines()[0]
+    return ConfigError(f'{where}: invalid config at key {key!r}: {msg}' if key else f'{where}: {msg}')
+
+
+def _merge(schema: Any, sources: Sequence[tuple[str, Any]]) -> Any:
+    """Merge each (description, DictConfig-like) source onto the structured schema, then convert to dataclasses."""
+    cfg = OmegaConf.structured(schema)
+    for where, src in sources:
+        try:
+            cfg = OmegaConf.merge(cfg, src)
+        except (oc_errors.OmegaConfBaseException, ValueError) as exc:
+            raise _config_error(exc, where) from None
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except oc_errors.OmegaConfBaseException as exc:
+        raise _config_error(exc, 'config') from None
+    if missing:
+        raise ConfigError(f'config: required value(s) not set: {", ".join(missing)}')
+    try:
+        return OmegaConf.to_object(cfg)
+    except oc_errors.OmegaConfBaseException as exc:
+        raise _config_error(exc, 'config') from None
+
+
+def _read_yaml(path: str | os.PathLike) -> DictConfig:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file not found: {path}')
+    try:
+        return OmegaConf.load(path)
+    except Exception as exc:  # yaml syntax errors come in several types
+        raise ConfigError(f'{path}: cannot parse YAML: {exc}') from None
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if '=' not in item:
+            raise ConfigError(f'override {item!r} must have the form key=value (e.g. optim.lr=1e-4)')
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except oc_errors.OmegaConfBaseException as exc:
+        raise _config_error(exc, 'command line') from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Load a :class:`TrainConfig` from a YAML file (optional) and ``key=value`` overrides."""
+    sources: list[tuple[str, Any]] = []
+    if path is not None:
+        sources.append((os.fspath(path), _read_yaml(path)))
+    if overrides:
+        sources.append(('command line', _parse_overrides(overrides)))
+    return _merge(TrainConfig, sources)
+
+
+def load_model_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ModelConfig:
+    """Load only a :class:`ModelConfig` (a YAML whose top level is the model section, or a full train config)."""
+    sources: list[tuple[str, Any]] = []
+    if path is not None:
+        raw = _read_yaml(path)
+        if 'model' in raw and isinstance(raw['model'], DictConfig):
+            raw = raw['model']
+        sources.append((os.fspath(path), raw))
+    if overrides:
+        sources.append(('command line', _parse_overrides(overrides)))
+    return _merge(ModelConfig, sources)
+
+
+def model_config_from_dict(values: dict, where: str = 'model config') -> ModelConfig:
+    return _merge(ModelConfig, [(where, OmegaConf.create(values))])
+
+
+def config_to_yaml(cfg: Any) -> str:
+    """The resolved YAML of a config dataclass (what a run directory stores)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,1 @@
+"""Zero-shot evaluation: inference rules (and, later, readers, metrics and visualisation)."""

@@ -1,0 +1,93 @@
+"""Zero-shot segmentation scoring: the official per-crop rule and mmseg's sliding-window inference
+(``reference-spec.md`` §6.3-6.4), with one encoder pass per crop and the windows batched."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..losses import clamp_logit_scale
+
+__all__ = ['window_slices', 'group_class_affinity', 'crop_logits', 'slide_logits']
+
+
+def window_slices(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """mmseg's windows along one axis: n = max(size - crop + stride - 1, 0) // stride + 1, the last flush right."""
+    n = max(size - crop + stride - 1, 0) // stride + 1
+    out = []
+    for i in range(n):
+        end = min(i * stride + crop, size)
+        out.append((max(end - crop, 0), end))
+    return out
+
+
+@torch.no_grad()
+def group_class_affinity(group_embeds: torch.Tensor, image_embeds: torch.Tensor, class_embeds: torch.Tensor,
+                         log_scale: torch.Tensor, topk: int = 5) -> torch.Tensor:
+    """Official group-to-class affinity F [B, G, K].
+
+    softmax over classes of the scaled group-class cosine, restricted to the image's top-k classes (by the pooled
+    embedding) and softmaxed again, times the unrestricted softmax ("double-softmax product").
+    group_embeds: [B, G, D], image_embeds: [B, D], class_embeds: [K, D] (normalised).
+    """
+    scale = clamp_logit_scale(log_scale.float())
+    cls = class_embeds.float()
+    logits = scale * F.normalize(group_embeds.float(), dim=-1) @ cls.t()  # [B, G, K]
+    image_probs = (scale * F.normalize(image_embeds.float(), dim=-1) @ cls.t()).softmax(dim=-1)  # [B, K]
+    top = image_probs.topk(min(topk, cls.shape[0]), dim=-1).indices
+    keep = torch.zeros_like(image_probs, dtype=torch.bool).scatter_(1, top, True)
+    restricted = logits.masked_fill(~keep.unsqueeze(1), float('-inf')).softmax(dim=-1)
+    return restricted * logits.softmax(dim=-1)
+
+
+@torch.no_grad()
+def crop_logits(model, crops: torch.Tensor, class_embeds: torch.Tensor, bg_thresh: float = 0.95,
+                with_background: bool = True) -> torch.Tensor:
+    """Scores of same-sized crops [B, 3, h, w] -> [B, (1 +) K, h, w], one encoder pass.
+
+    Each pixel takes the final group that wins its bilinearly upsampled soft assignment (composed over stages) and
+    that group's class affinities. Background (channel 0) is 1 where the best class score is below
+    min(bg_thresh, max affinity of the crop), else 0.
+    """
+    out = model.encode_image(crops)
+    B, _, h, w = crops.shape
+    gh, gw = out.grid
+    maps = out.group_maps[-1].transpose(1, 2).reshape(B, -1, gh, gw).float()  # [B, G, gh, gw]
+    winner = F.interpolate(maps, size=(h, w), mode='bilinear', align_corners=False).argmax(dim=1)  # [B, h, w]
+    affinity = group_class_affinity(out.group_embeds, out.image_embeds, class_embeds, model.logit_scale)  # [B,G,K]
+    K = affinity.shape[-1]
+    # per pixel, the affinity row of its winning group: [B, K, h, w]
+    fg = torch.gather(affinity.transpose(1, 2), 2, winner.reshape(B, 1, -1).expand(-1, K, -1)).reshape(B, K, h, w)
+    if not with_background:
+        return fg
+    thresh = affinity.flatten(1).amax(dim=1).clamp(max=bg_thresh)  # [B]
+    bg = (fg.amax(dim=1) < thresh.view(B, 1, 1)).to(fg.dtype)
+    return torch.cat([bg.unsqueeze(1), fg], dim=1)
+
+
+@torch.no_grad()
+def slide_logits(model, image: torch.Tensor, class_embeds: torch.Tensor, bg_thresh: float = 0.95,
+                 with_background: bool = True, crop_size: int = 448, stride: int = 224,
+                 crops_per_batch: int = 8) -> torch.Tensor:
+    """Sliding-window scores of normalised images [B, 3, H, W] -> [B, (1 +) K, H, W] (before any rescale).
+
+    Windows of ``crop_size`` with ``stride`` as mmseg's slide inference; each window's scores are summed into place
+    and divided by the per-pixel window count.
+    """
+    if image.ndim != 4:
+        raise ValueError(f'slide_logits expects images [B, 3, H, W], got shape {tuple(image.shape)}')
+    B, _, H, W = image.shape
+    windows = [(ys, xs) for ys in window_slices(H, crop_size, stride) for xs in window_slices(W, crop_size, stride)]
+    num_classes = class_embeds.shape[0] + int(with_background)
+    class_embeds = class_embeds.to(image.device)
+    preds = image.new_zeros(B, num_classes, H, W, dtype=torch.float32)
+    count = image.new_zeros(1, 1, H, W, dtype=torch.float32)
+    for (y0, y1), (x0, x1) in windows:
+        count[..., y0:y1, x0:x1] += 1
+    for b in range(B):
+        for i in range(0, len(windows), crops_per_batch):
+            chunk = windows[i:i + crops_per_batch]
+            crops = torch.stack([image[b, :, y0:y1, x0:x1] for (y0, y1), (x0, x1) in chunk])
+            scores = crop_logits(model, crops, class_embeds, bg_thresh, with_background).float()
+            for s, ((y0, y1), (x0, x1)) in zip(scores, chunk):
+                preds[b, :, y0:y1, x0:x1] += s
+    return preds / count

@@ -1,0 +1,106 @@
+"""Losses: image-text contrastive, GroupViT's multi-label contrastive, and PGSeg's prototype contrastive loss.
+
+Every function takes embeddings and returns a scalar; gathering across ranks goes through
+:func:`pgseg.distributed.all_gather_with_grad`, so each loss is exact in one process and across many.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
+
+from .distributed import all_gather_with_grad, get_rank, get_world_size
+
+__all__ = ['clamp_logit_scale', 'contrastive_loss', 'multi_label_contrastive_loss', 'hrs_mask',
+           'prototype_contrastive_loss']
+
+MAX_LOGIT_SCALE = 100.0
+
+
+def clamp_logit_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    """exp(log_scale) clamped at 100, as every official temperature."""
+    return log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+
+def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch (§3.1).
+
+    image_embeds, text_embeds: [B, D] (not normalised) on each rank. Each rank scores its B rows against the
+    W*B gathered columns; the positives sit at ``rank * B + arange(B)``. Returns 0.5 * (CE_img + CE_txt).
+    """
+    image_embeds = F.normalize(image_embeds.float(), dim=-1)
+    text_embeds = F.normalize(text_embeds.float(), dim=-1)
+    scale = clamp_logit_scale(log_scale.float())
+    labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + image_embeds.shape[0] * get_rank()
+    logits_img = scale * image_embeds @ all_gather_with_grad(text_embeds).t()  # [B, W*B]
+    logits_txt = scale * text_embeds @ all_gather_with_grad(image_embeds).t()
+    return 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels))
+
+
+def multi_label_contrastive_loss(image_embeds: torch.Tensor, prompt_embeds: torch.Tensor,
+                                 log_scale: torch.Tensor) -> torch.Tensor:
+    """GroupViT's multi-label loss (§3.2): each image against the K noun prompts of every caption in the batch.
+
+    image_embeds: [B, D], prompt_embeds: [B, K, D]. Image -> prompts: soft target 1/K on the image's own K
+    prompts. Prompt -> images: one-hot on its own image. 0.5 * (both soft-target cross-entropies).
+    """
+    B, K, _ = prompt_embeds.shape
+    image_embeds = F.normalize(image_embeds.float(), dim=-1)
+    prompts = F.normalize(prompt_embeds.float(), dim=-1).reshape(B * K, -1)  # [B*K, D]
+    scale = clamp_logit_scale(log_scale.float())
+    world, rank = get_world_size(), get_rank()
+    logits_img = scale * image_embeds @ all_gather_with_grad(prompts).t()  # [B, W*B*K]
+    logits_txt = scale * prompts @ all_gather_with_grad(image_embeds).t()  # [B*K, W*B]
+    own = torch.arange(B, device=image_embeds.device) + rank * B  # global index of each local image
+    target_img = torch.zeros(B, world * B, K, device=image_embeds.device)
+    target_img[torch.arange(B), own] = 1.0 / K
+    target_txt = F.one_hot(own.repeat_interleave(K), world * B).float()
+    loss_fn = SoftTargetCrossEntropy()
+    return 0.5 * (loss_fn(logits_img, target_img.reshape(B, -1)) + loss_fn(logits_txt, target_txt))
+
+
+@torch.no_grad()
+def hrs_mask(sim: torch.Tensor, threshold: float, pair_score: Literal['column0', 'diagonal']) -> torch.Tensor:
+    """PGSeg's high-response selection of matched pairs. sim: [B, G, G] cosine, rows i, columns j -> mask [B, G].
+
+    Each column is min-max normalised over the rows. ``diagonal`` keeps pair k when its own normalised similarity
+    N[k, k] exceeds the threshold (what the code's comment intends). ``column0`` reproduces the release, which reads
+    N[k, 0] for every k (§2.4).
+    """
+    lo, hi = sim.amin(dim=1, keepdim=True), sim.amax(dim=1, keepdim=True)
+    norm = (sim - lo) / (hi - lo + 1e-6)
+    score = norm[..., 0] if pair_score == 'column0' else norm.diagonal(dim1=1, dim2=2)
+    return score > threshold
+
+
+def prototype_contrastive_loss(groups: torch.Tensor, protos: torch.Tensor, log_scale: torch.Tensor,
+                               threshold: float = 0.1,
+                               pair_score: Literal['column0', 'diagonal'] = 'diagonal') -> torch.Tensor:
+    """``closs`` (§2.5): contrast each group with its matched prototype against the image's other prototypes,
+    and each prototype against the other groups; negatives come from the same image only.
+
+    groups, protos: [B, G, D], row-aligned by the matching (pair k = row k of both). Returns CE_gp + CE_pg, each a
+    mean over the pairs HRS keeps.
+    """
+    groups = F.normalize(groups.float(), dim=-1)
+    protos = F.normalize(protos.float(), dim=-1)
+    B, G, _ = groups.shape
+    sim_gp = groups @ protos.transpose(1, 2)  # [B, G(group i), G(proto j)]
+    sim_pg = sim_gp.transpose(1, 2)  # [B, G(proto j), G(group i)]
+    keep_gp = hrs_mask(sim_gp, threshold, pair_score)
+    keep_pg = hrs_mask(sim_pg, threshold, pair_score)
+    scale = clamp_logit_scale(log_scale.float())
+    labels = torch.arange(G, device=groups.device).expand(B, G)
+    # Row k of sim_pg: prototype k against all groups (target k), selected by the mask computed on sim_gp, and
+    # the other way round: the release applies each direction's mask to the transposed matrix (§2.9 item 9).
+    return _masked_mean_ce(scale * sim_pg, labels, keep_gp) + _masked_mean_ce(scale * sim_gp, labels, keep_pg)
+
+
+def _masked_mean_ce(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the kept rows of logits [B, G, G] (0 if none is kept), without boolean indexing,
+    which would synchronise with the device."""
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction='none')
+    keep = keep.flatten().to(ce.dtype)
+    return (ce * keep).sum() / keep.sum().clamp(min=1.0)

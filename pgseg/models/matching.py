@@ -1,0 +1,71 @@
+"""Batched Hungarian matching of group tokens to prototypes, kept off the critical path of a training step.
+
+The released code solves B assignment problems per stage with scipy, in a Python loop, after a blocking copy to
+the host. Here the similarity matrices are copied to pinned host memory without blocking, and a worker thread
+waits for that copy and runs the exact solver (scipy's ``linear_sum_assignment``, the same solver and so the same
+tie-breaking as the release), while the main thread keeps queuing device work (the rest of the encoders and the
+contrastive loss). ``MatchHandle.indices()`` joins the worker when the loss needs the result.
+"""
+from __future__ import annotations
+
+import atexit
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ['MatchHandle', 'match_async', 'hungarian_indices']
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix='pgseg-match')
+        atexit.register(_POOL.shutdown, wait=False)
+    return _POOL
+
+
+def hungarian_indices(sim: np.ndarray, maximize: bool) -> np.ndarray:
+    """sim: [B, G, G] -> column index matched to each row, [B, G] int64 (exact, per problem)."""
+    out = np.empty(sim.shape[:2], dtype=np.int64)
+    for b in range(sim.shape[0]):
+        rows, cols = linear_sum_assignment(sim[b], maximize=maximize)
+        out[b, rows] = cols
+    return out
+
+
+class MatchHandle:
+    """A matching in flight; ``indices()`` returns the [B, G] column indices on the similarity's device."""
+
+    def __init__(self, future: Future, device: torch.device):
+        self._future, self._device = future, device
+
+    def indices(self) -> torch.Tensor:
+        idx = torch.from_numpy(self._future.result())
+        if self._device.type == 'cuda':
+            return idx.pin_memory().to(self._device, non_blocking=True)
+        return idx.to(self._device)
+
+
+@torch.no_grad()
+def match_async(sim: torch.Tensor, maximize: bool) -> MatchHandle:
+    """Start solving the assignment problems ``sim`` [B, G, G] (rows: queries, columns: targets)."""
+    sim = sim.detach().float()
+    if sim.device.type == 'cuda':
+        host = torch.empty(sim.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(sim, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+
+        def solve() -> np.ndarray:
+            ready.synchronize()  # waits in the worker, not in the main thread
+            return hungarian_indices(host.numpy(), maximize)
+    else:
+        host = sim.cpu().numpy().copy()  # the caller may reuse the tensor's memory
+
+        def solve() -> np.ndarray:
+            return hungarian_indices(host, maximize)
+    return MatchHandle(_pool().submit(solve), sim.device)

@@ -1,0 +1,222 @@
+"""The two-tower model (``MultiLabelContrastive`` in the official code): image and text encoders, projection heads,
+logit scales; ``encode_image`` / ``encode_text`` / ``class_embeddings`` for inference, ``compute_losses`` for training.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Literal, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError, ModelConfig
+from ..data.text import tokenize
+from ..losses import contrastive_loss, multi_label_contrastive_loss, prototype_contrastive_loss
+from .image_encoder import GroupViTImageEncoder, ImageFeatures
+from .matching import MatchHandle, match_async
+from .projection import ProjectionMLP, frozen_bn_statistics
+from .text_encoder import TextEncoder, valid_token_mask
+
+__all__ = ['ImageOutput', 'GroupSegModel', 'build_model']
+
+NPRVariant = Literal['reference', 'paper']
+
+
+@dataclass
+class ImageOutput:
+    image_embeds: torch.Tensor  # [B, D] projected pooled embedding, not normalised
+    group_embeds: Optional[torch.Tensor]  # [B, G, D] projected final group tokens, not normalised
+    group_maps: List[torch.Tensor]  # per grouping stage, [B, N_patches, G_k]: soft assignment composed from patches
+    grid: tuple[int, int]  # patch grid (h, w), N_patches = h * w
+
+
+class GroupSegModel(nn.Module):
+    """GroupViT (``arch: groupvit``) or PGSeg (``arch: pgseg``). State-dict keys are the official ones."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        npr = cfg.npr
+        self.is_pgseg = cfg.arch == 'pgseg'
+        if self.is_pgseg and npr.variant == 'paper' and npr.num_text_prototypes != cfg.image.num_output_groups[-1]:
+            raise ConfigError(f'model.npr.num_text_prototypes={npr.num_text_prototypes} must equal the final group '
+                              f'count model.image.num_output_groups[-1]={cfg.image.num_output_groups[-1]} for the '
+                              f"paper variant (text prototypes are matched one-to-one with groups)")
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.contrast_temperature)))
+        self.img_encoder = GroupViTImageEncoder(
+            cfg.image, with_npr=self.is_pgseg, npr_iters=npr.em_iters, npr_momentum=npr.momentum,
+            npr_hidden_dim=npr.mapping_hidden_dim, npr_temperature=npr.temperature,
+            keep_mapping_text=self.is_pgseg and npr.variant == 'reference')
+        self.text_encoder = TextEncoder(cfg.text, prototypes=npr.variant if self.is_pgseg else None,
+                                        num_prototypes=npr.num_text_prototypes, em_iters=npr.em_iters,
+                                        momentum=npr.momentum)
+        self.img_projector = ProjectionMLP(self.img_encoder.width, cfg.output_dim, cfg.proj_hidden_dim,
+                                           cfg.proj_num_layers)
+        self.text_projector = ProjectionMLP(cfg.text.width, cfg.output_dim, cfg.proj_hidden_dim, cfg.proj_num_layers)
+        if cfg.multi_label > 0 and not cfg.share_temperature:
+            self.multi_label_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.contrast_temperature)))
+
+    # ------------------------------------------------------------------ inference
+    def encode_image(self, images: torch.Tensor, with_group_embeds: bool = True) -> ImageOutput:
+        """images: normalised [B, 3, H, W] -> :class:`ImageOutput`."""
+        feats = self.img_encoder(images)
+        return self._image_output(feats, with_group_embeds)
+
+    def _image_output(self, feats: ImageFeatures, with_group_embeds: bool) -> ImageOutput:
+        maps: list[torch.Tensor] = []
+        for stage in feats.stages:
+            soft = stage.grouping.soft_map.transpose(1, 2)  # [B, N_in, G]
+            maps.append(soft if not maps else maps[-1] @ soft)  # compose down to the patches
+        return ImageOutput(
+            image_embeds=self.img_projector(feats.tokens.mean(dim=1)),
+            group_embeds=self.img_projector(feats.tokens) if with_group_embeds else None,
+            group_maps=maps, grid=feats.grid)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [N, L] CLIP BPE ids -> projected EOT embeddings [N, D], not normalised."""
+        return self.text_projector(self.text_encoder(tokens))
+
+    @torch.no_grad()
+    def class_embeddings(self, names: Sequence[str], templates: Sequence[str] = ('a photo of a {}.',),
+                         batch_size: int = 1024) -> torch.Tensor:
+        """One embedding per class name [K, D], L2-normalised: the projected, unnormalised prompt embeddings are
+        averaged over the templates, then normalised (§6.5). Runs in eval mode (BatchNorm running statistics)."""
+        if not names or not templates:
+            raise ValueError('class_embeddings needs at least one class name and one template')
+        prompts = [t.format(n) for n in names for t in templates]
+        device = self.logit_scale.device
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = [self.encode_text(tokenize(prompts[i:i + batch_size]).to(device))
+                      for i in range(0, len(prompts), batch_size)]
+        finally:
+            self.train(was_training)
+        embeds = torch.cat(chunks).float().reshape(len(names), len(templates), -1).mean(dim=1)
+        return F.normalize(embeds, dim=-1)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor,
+                npr_variant: Optional[NPRVariant] = None) -> dict[str, torch.Tensor]:
+        return self.compute_losses(images, tokens, npr_variant=npr_variant)
+
+    def compute_losses(self, images: torch.Tensor, tokens: torch.Tensor,
+                       npr_variant: Optional[NPRVariant] = None) -> dict[str, torch.Tensor]:
+        """images: [B, 3, H, W]; tokens: [B, L] captions, or [B, 1+K, L] caption + K noun prompts (multi-label).
+
+        Returns ``itc``, for PGSeg ``npr`` (already weighted) and its unweighted parts ``npr_image_<k>`` and
+        ``npr_text``, ``multi_label`` when enabled, and ``loss``, the sum to minimise.
+        """
+        variant = npr_variant or self.cfg.npr.variant
+        prompts = None
+        if tokens.ndim == 3:
+            if self.cfg.multi_label <= 0:
+                raise ValueError(f'compute_losses: tokens of shape {tuple(tokens.shape)} carry prompts, but '
+                                 f'model.multi_label is 0')
+            tokens, prompts = tokens[:, 0], tokens[:, 1:]
+        feats = self.img_encoder(images)
+        image_embeds = self.img_projector(feats.tokens.mean(dim=1))
+        matches: list[MatchHandle] = []
+        if self.is_pgseg:
+            self._check_variant(variant)
+            for stage in feats.stages:  # start the image matchings now; they finish while the text tower runs
+                matches.append(match_async(_cosine(stage.grouping.group_queries, stage.prototypes),
+                                           maximize=variant == 'paper'))
+        pooled, token_feats = self.text_encoder.encode(tokens)
+        text_embeds = self.text_projector(pooled)
+        losses = {'itc': contrastive_loss(image_embeds, text_embeds, self.logit_scale)}
+        total = losses['itc']
+        if prompts is not None:
+            prompt_embeds = self.encode_text(prompts.flatten(0, 1)).reshape(*prompts.shape[:2], -1)
+            scale = getattr(self, 'multi_label_logit_scale', self.logit_scale)
+            losses['multi_label'] = multi_label_contrastive_loss(image_embeds, prompt_embeds, scale)
+            total = total + self.cfg.multi_label_loss_weight * losses['multi_label']
+        if self.is_pgseg:
+            losses.update(self._prototype_losses(feats, tokens, pooled, token_feats, matches, variant))
+            total = total + losses['npr']
+        losses['loss'] = total
+        return losses
+
+    def _check_variant(self, variant: str) -> None:
+        needs = {'reference': 'Atten', 'paper': 'token_prototypes'}
+        if variant not in needs:
+            raise ValueError(f"npr_variant must be 'reference' or 'paper', got {variant!r}")
+        if not hasattr(self.text_encoder, needs[variant]):
+            raise ValueError(f'this model was built for the {self.cfg.npr.variant!r} NPR variant and has no '
+                             f'{variant!r} text prototypes; rebuild it with model.npr.variant={variant}')
+
+    def _prototype_losses(self, feats: ImageFeatures, tokens: torch.Tensor, pooled: torch.Tensor,
+                          token_feats: torch.Tensor, matches: list[MatchHandle], variant: str) -> dict:
+        npr = self.cfg.npr
+        pair_score = 'column0' if variant == 'reference' else 'diagonal'
+        log_scale = self.img_encoder.logit_scale
+        out: dict[str, torch.Tensor] = {}
+        image_terms = []
+        last_queries = feats.stages[-1].grouping.group_queries  # [B, G, C]
+        # text term: its matching starts before the image matchings are joined
+        if variant == 'reference':
+            text_mu = self.text_encoder.Atten(pooled)  # [B, K, 1]
+            group_side = last_queries.mean(dim=-1, keepdim=True)  # [B, G, 1]: the release's channel mean
+            text_side = text_mu
+        else:
+            protos, em_mu = self.text_encoder.token_prototypes(token_feats, valid_token_mask(tokens))
+            with frozen_bn_statistics(self.img_projector), frozen_bn_statistics(self.text_projector):
+                group_side = self.img_projector(last_queries)  # [B, G, D]
+                text_side = self.text_projector(protos)  # [B, K, D]
+        text_match = match_async(_cosine(group_side, text_side), maximize=variant == 'paper')
+        weights = npr.stage_weights if (variant == 'paper' and npr.stage_weights) else [1.0] * len(feats.stages)
+        if len(weights) != len(feats.stages):
+            raise ConfigError(f'model.npr.stage_weights has {len(weights)} entries for {len(feats.stages)} stages')
+        for k, (stage, handle) in enumerate(zip(feats.stages, matches)):
+            matched = _gather_rows(stage.prototypes, handle.indices())
+            term = prototype_contrastive_loss(stage.grouping.group_queries, matched, log_scale,
+                                              npr.hrs_threshold, pair_score)
+            out[f'npr_image_{k}'] = term.detach()
+            image_terms.append(weights[k] * term)
+        text_term = prototype_contrastive_loss(group_side, _gather_rows(text_side, text_match.indices()), log_scale,
+                                               npr.hrs_threshold, pair_score)
+        out['npr_text'] = text_term.detach()
+        out['npr'] = npr.weight * (sum(image_terms) + npr.text_weight * text_term)
+        if self.training:
+            if variant == 'reference':  # the release updates only the scalar text prototypes
+                self.text_encoder.Atten.momentum_update(text_mu)
+            else:
+                for layer, stage in zip(self.img_encoder.layers, feats.stages):
+                    layer.downsample_spatial.momentum_update(stage.prototypes)
+                self.text_encoder.token_prototypes.momentum_update(em_mu)
+        return out
+
+    # ------------------------------------------------------------------ utilities
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that pgseg's default recipe does not decay (norms and biases are handled by the optimizer)."""
+        names = {'logit_scale', 'multi_label_logit_scale'}
+        names |= {f'img_encoder.{n}' for n in self.img_encoder.no_weight_decay()}
+        names |= {f'text_encoder.{n}' for n in self.text_encoder.no_weight_decay()}
+        return {n for n in names if n in dict(self.named_parameters())}
+
+    def convert_sync_batchnorm(self) -> GroupSegModel:
+        """Synchronise the projection heads' BatchNorm across ranks (GPUs only; the NPR heads stay per-rank)."""
+        self.img_projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.img_projector)
+        self.text_projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.text_projector)
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.img_encoder.set_grad_checkpointing(enable)
+        self.text_encoder.set_grad_checkpointing(enable)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, G, C] x [B, G', C] -> [B, G, G'] cosine similarity (no gradient needed: it only feeds the matching)."""
+    with torch.no_grad():
+        return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(1, 2)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: [B, G, C], index: [B, G] -> x[b, index[b, i]] as [B, G, C]."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def build_model(cfg: ModelConfig) -> GroupSegModel:
+    return GroupSegModel(cfg)
