@@ -21,8 +21,8 @@ import pickle
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field, is_dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -62,7 +62,7 @@ _ALLOWED_GLOBALS = {
                              'bool')),
 }
 # Configuration objects of the training harness: replaced by inert stubs, never imported.
-_STUBBED_MODULES = ('omegaconf', 'typing', 'enum', 'pathlib')
+_STUBBED_MODULES = ('omegaconf', 'typing')
 
 
 class _Stub:
@@ -137,7 +137,7 @@ def _plain(obj: Any) -> Any:
 @dataclass
 class OfficialCheckpoint:
     state_dict: dict[str, torch.Tensor]
-    config: Optional[dict]  # the pickled OmegaConf config as plain data, if the file has one
+    config: dict | None  # the pickled OmegaConf config as plain data, if the file has one
     meta: dict = field(default_factory=dict)  # epoch, metrics, ... when present
 
 
@@ -182,12 +182,24 @@ def model_config_from_official(config: dict, state_dict: dict[str, torch.Tensor]
                 'multi_label_loss_weight'):
         if key in m:
             values[key] = m[key]
-    if arch == 'pgseg':
-        values['npr'] = {'variant': 'reference'}
+    _add_shape_facts(values, state_dict)
+    return model_config_from_dict(values, where='official checkpoint config')
+
+
+def _add_shape_facts(values: dict, state_dict: dict[str, torch.Tensor]) -> None:
+    """Sizes the official config never states but the tensors show: projection and NPR widths, prototype counts."""
+    proj = state_dict.get('img_projector.linear_hidden.0.weight')
+    if proj is not None:
+        values['proj_hidden_dim'] = int(proj.shape[0])
+    if values['arch'] == 'pgseg':
+        npr = values.setdefault('npr', {})
+        npr['variant'] = 'reference'
         mu = state_dict.get('text_encoder.Atten.mu')
         if mu is not None:
-            values['npr']['num_text_prototypes'] = int(mu.shape[1])
-    return model_config_from_dict(values, where='official checkpoint config')
+            npr['num_text_prototypes'] = int(mu.shape[1])
+        mapping = state_dict.get('img_encoder.layers.0.downsample_spatial.mapping_x.linear_hidden.0.weight')
+        if mapping is not None:
+            npr['mapping_hidden_dim'] = int(mapping.shape[0])
 
 
 def infer_model_config(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
@@ -218,8 +230,7 @@ def infer_model_config(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
         }
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f'cannot infer the architecture from the state dict (missing {exc})') from None
-    if values['arch'] == 'pgseg':
-        values['npr'] = {'variant': 'reference'}
+    _add_shape_facts(values, s)
     return model_config_from_dict(values, where='inferred from tensor shapes')
 
 
@@ -272,7 +283,7 @@ def _is_pgseg_dir(path: str) -> bool:
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: TrainConfig | ModelConfig,
-                    train_state: Optional[dict] = None) -> str:
+                    train_state: dict | None = None) -> str:
     """Write a pgseg checkpoint directory atomically (temporary sibling, then rename). Returns the path."""
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
@@ -300,7 +311,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: Tra
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig, Optional[dict]]:
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig, dict | None]:
     """Read a pgseg checkpoint directory -> (state dict, model config, training state or None)."""
     path = os.fspath(path)
     if not _is_pgseg_dir(path):
@@ -316,7 +327,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
     return state, model_cfg, train_state
 
 
-def find_latest(run_dir: str | os.PathLike) -> Optional[str]:
+def find_latest(run_dir: str | os.PathLike) -> str | None:
     """The newest complete checkpoint directory ``ckpt-<step>`` in ``run_dir`` (by step), or None."""
     run_dir = os.fspath(run_dir)
     if not os.path.isdir(run_dir):
@@ -330,8 +341,8 @@ def find_latest(run_dir: str | os.PathLike) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------- public entry points
-def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu', npr_variant: Optional[str] = None,
-               overrides: Optional[dict] = None):
+def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu', npr_variant: str | None = None,
+               overrides: dict | None = None):
     """Build the model a checkpoint describes and load its weights; returns it in eval mode.
 
     ``path``: a pgseg checkpoint directory, or an official GroupViT / PGSeg ``.pth`` file. Official PGSeg files load
@@ -366,6 +377,3 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike) -> str:
     model = load_model(src)
     return save_checkpoint(dst, model, model.cfg)
 
-
-def _asdict(cfg: Any) -> Any:
-    return OmegaConf.to_container(OmegaConf.structured(cfg)) if is_dataclass(cfg) else cfg

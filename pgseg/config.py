@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, List, Literal, Optional, Sequence
+from typing import Any, List, Literal, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
@@ -56,7 +56,7 @@ class TextEncoderConfig:
     context_length: int = 77
     width: int = 256
     layers: int = 12
-    heads: Optional[int] = None  # None: width // 64, as the official code
+    heads: int | None = None  # None: width // 64, as the official code
     vocab_size: int = 49408
 
 
@@ -76,7 +76,7 @@ class NPRConfig:
     temperature: float = 0.1  # initial 1/exp(img_encoder.logit_scale) of the prototype contrastive loss
     mapping_hidden_dim: int = 4096  # hidden width of the reconstruction MLP (mapping_x)
     num_text_prototypes: int = 8  # reference: scalar text prototypes; paper: must equal the final group count
-    stage_weights: Optional[List[float]] = None  # paper only: per-stage image-term weights; None = all 1
+    stage_weights: List[float] | None = None  # paper only: per-stage image-term weights; None = all 1
 
 
 @dataclass
@@ -99,7 +99,7 @@ class DataSourceConfig:
     """One webdataset source: a brace pattern of shards, its sample count, and its sampling weight."""
     name: str = MISSING
     pattern: str = MISSING  # e.g. ${oc.env:PGSEG_DATA}/gcc3m/gcc-train-{000000..000436}.tar
-    length: Optional[int] = None  # None: read from sizes.json beside the shards
+    length: int | None = None  # None: read from sizes.json beside the shards
     weight: float = 1.0
 
 
@@ -125,7 +125,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     decay_set: Literal['pgseg', 'official'] = 'pgseg'  # 'official' also decays logit scales, pos/group tokens
-    clip_grad: Optional[float] = 5.0
+    clip_grad: float | None = 5.0
     scale_lr_with_batch: bool = False  # GroupViT: lr * global_batch / 4096
     warmup_prefix: bool = True  # False reproduces the official LR drop at the end of warmup
 
@@ -134,7 +134,7 @@ class OptimConfig:
 class TrainLoopConfig:
     epochs: int = 30
     warmup_epochs: int = 10
-    steps_per_epoch: Optional[int] = None  # None: total samples // global batch
+    steps_per_epoch: int | None = None  # None: total samples // global batch
     precision: Literal['fp32', 'bf16', 'fp16'] = 'bf16'
     grad_accum_steps: int = 1
     seed: int = 0
@@ -147,7 +147,7 @@ class LogConfig:
     every_steps: int = 10
     wandb_mode: Literal['offline', 'online', 'disabled'] = 'offline'
     wandb_project: str = 'pgseg'
-    wandb_name: Optional[str] = None
+    wandb_name: str | None = None
     wandb_tags: List[str] = field(default_factory=list)
     group_maps_every_steps: int = 1000
 
@@ -156,8 +156,8 @@ class LogConfig:
 class CheckpointConfig:
     every_steps: int = 2000
     keep_last: int = 3
-    init_from: Optional[str] = None  # official or pgseg checkpoint to start from (e.g. GroupViT for PGSeg)
-    resume: Optional[str] = 'auto'
+    init_from: str | None = None  # official or pgseg checkpoint to start from (e.g. GroupViT for PGSeg)
+    resume: str | None = 'auto'
 
 
 @dataclass

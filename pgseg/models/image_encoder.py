@@ -7,7 +7,7 @@ per grouping stage, EM prototypes of the stage input whose reconstruction is add
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn as nn
@@ -57,7 +57,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Te
 class StageOutput:
     """Per grouping stage: what inference and the NPR losses read."""
     grouping: GroupingOutput
-    prototypes: Optional[torch.Tensor] = None  # [B, G, C] EM prototypes of the stage input (PGSeg), no grad
+    prototypes: torch.Tensor | None = None  # [B, G, C] EM prototypes of the stage input (PGSeg), no grad
 
 
 @dataclass
@@ -72,8 +72,8 @@ class GroupingStage(nn.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, num_group_tokens: int, drop_path: list[float],
                  mlp_ratio: float, qkv_bias: bool, drop_rate: float, attn_drop_rate: float,
-                 downsample: Optional[GroupingBlock], prototypes: Optional[ImagePrototypes],
-                 group_projector: Optional[nn.Module]):
+                 downsample: GroupingBlock | None, prototypes: ImagePrototypes | None,
+                 group_projector: nn.Module | None):
         super().__init__()
         self.num_group_tokens = num_group_tokens
         if num_group_tokens > 0:
@@ -91,7 +91,7 @@ class GroupingStage(nn.Module):
         self.group_projector = group_projector
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, prev_group_tokens: Optional[torch.Tensor]):
+    def forward(self, x: torch.Tensor, prev_group_tokens: torch.Tensor | None):
         """x: [B, N, C] -> (out [B, S2, C'] or [B, N, C], group tokens [B, S1, C] or None, StageOutput or None)."""
         inputs = x
         groups = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Literal, Optional, Sequence
+from typing import List, Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,7 @@ NPRVariant = Literal['reference', 'paper']
 @dataclass
 class ImageOutput:
     image_embeds: torch.Tensor  # [B, D] projected pooled embedding, not normalised
-    group_embeds: Optional[torch.Tensor]  # [B, G, D] projected final group tokens, not normalised
+    group_embeds: torch.Tensor | None  # [B, G, D] projected final group tokens, not normalised
     group_maps: List[torch.Tensor]  # per grouping stage, [B, N_patches, G_k]: soft assignment composed from patches
     grid: tuple[int, int]  # patch grid (h, w), N_patches = h * w
 
@@ -90,7 +90,7 @@ class GroupSegModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            chunks = [self.encode_text(tokenize(prompts[i:i + batch_size]).to(device))
+            chunks = [self.encode_text(tokenize(prompts[i:i + batch_size], self.cfg.text.context_length).to(device))
                       for i in range(0, len(prompts), batch_size)]
         finally:
             self.train(was_training)
@@ -99,11 +99,11 @@ class GroupSegModel(nn.Module):
 
     # ------------------------------------------------------------------ training
     def forward(self, images: torch.Tensor, tokens: torch.Tensor,
-                npr_variant: Optional[NPRVariant] = None) -> dict[str, torch.Tensor]:
+                npr_variant: NPRVariant | None = None) -> dict[str, torch.Tensor]:
         return self.compute_losses(images, tokens, npr_variant=npr_variant)
 
     def compute_losses(self, images: torch.Tensor, tokens: torch.Tensor,
-                       npr_variant: Optional[NPRVariant] = None) -> dict[str, torch.Tensor]:
+                       npr_variant: NPRVariant | None = None) -> dict[str, torch.Tensor]:
         """images: [B, 3, H, W]; tokens: [B, L] captions, or [B, 1+K, L] caption + K noun prompts (multi-label).
 
         Returns ``itc``, for PGSeg ``npr`` (already weighted) and its unweighted parts ``npr_image_<k>`` and

@@ -1,4 +1,4 @@
-"""PGSeg's non-learnable prototypes (NPR): EM estimates of prototypes from source features (``reference-spec.md`` §2.1-2.2).
+"""PGSeg's non-learnable prototypes (NPR): EM estimates from source features (``reference-spec.md`` §2.1-2.2).
 
 The EM is a normalised soft k-means with dot-product affinities (no covariances, no priors):
 
@@ -19,7 +19,8 @@ import torch.nn as nn
 from ..distributed import all_reduce_mean
 from .projection import ProjectionMLP
 
-__all__ = ['em_prototypes', 'ImagePrototypes', 'ScalarTextPrototypes', 'TokenPrototypes', 'init_prototypes', 'momentum_step']
+__all__ = ['em_prototypes', 'ImagePrototypes', 'ScalarTextPrototypes', 'TokenPrototypes', 'init_prototypes',
+           'momentum_step']
 
 _EPS = 1e-6
 

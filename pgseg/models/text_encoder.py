@@ -1,7 +1,7 @@
 """The text tower: open_clip's causal ``TextTransformer`` (official key names) plus PGSeg's text prototypes."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
@@ -24,7 +24,7 @@ class TextEncoder(TextTransformer):
     prototypes (key ``token_prototypes.mu``).
     """
 
-    def __init__(self, cfg: TextEncoderConfig, prototypes: Optional[Literal['reference', 'paper']] = None,
+    def __init__(self, cfg: TextEncoderConfig, prototypes: Literal['reference', 'paper'] | None = None,
                  num_prototypes: int = 8, em_iters: int = 10, momentum: float = 0.9):
         heads = cfg.heads if cfg.heads is not None else max(1, cfg.width // 64)
         super().__init__(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width,

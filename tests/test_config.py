@@ -1,0 +1,67 @@
+"""Configuration: overrides, errors that name the key, the shipped recipes."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+import pgseg
+from pgseg.config import ConfigError, load_config
+from tests.conftest import ROOT, TINY_CONFIG
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(TINY_CONFIG, ['optim.lr=3e-4', 'model.image.depths=[2,1,1]', 'train.precision=bf16'])
+    assert cfg.optim.lr == 3e-4 and cfg.model.image.depths == [2, 1, 1] and cfg.train.precision == 'bf16'
+
+
+@pytest.mark.parametrize('override,match', [
+    ('optim.lrr=1', 'optim.lrr'),  # unknown key
+    ('optim.lr=fast', 'optim.lr'),  # wrong type
+    ('train.precision=fp8', 'train.precision'),  # not one of the choices
+    ('model.npr.variant=both', 'model.npr.variant'),
+    ('no_equals_sign', 'key=value'),
+])
+def test_bad_overrides_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TINY_CONFIG, [override])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = tmp_path / 'bad.yaml'
+    path.write_text('model:\n  image:\n    embed_dimm: 3\n')
+    with pytest.raises(ConfigError, match=r'bad.yaml.*model.image.embed_dimm'):
+        load_config(path)
+
+
+def test_missing_required_value(tmp_path):
+    path = tmp_path / 'src.yaml'
+    path.write_text('data:\n  sources:\n    - name: cc3m\n')
+    with pytest.raises(ConfigError, match='pattern'):
+        load_config(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match='not found'):
+        load_config(tmp_path / 'nope.yaml')
+    (tmp_path / 'broken.yaml').write_text('model: [unclosed')
+    with pytest.raises(ConfigError, match='broken.yaml'):
+        load_config(tmp_path / 'broken.yaml')
+
+
+def test_data_paths_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv('PGSEG_DATA', '/datasets/web')
+    cfg = load_config(os.path.join(ROOT, 'configs', 'pgseg_gcc_redcaps.yaml'))
+    assert all(s.pattern.startswith('/datasets/web/') for s in cfg.data.sources)
+    monkeypatch.delenv('PGSEG_DATA')
+    cfg = load_config(os.path.join(ROOT, 'configs', 'pgseg_gcc_redcaps.yaml'))
+    assert all(s.pattern.startswith('data/') for s in cfg.data.sources)
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'configs', '*.yaml'))))
+def test_shipped_configs_load_and_build(path):
+    cfg = load_config(path)
+    assert cfg.model.arch in ('pgseg', 'groupvit')
+    if os.path.basename(path) == 'tiny_test.yaml':
+        pgseg.build_model(cfg.model)

@@ -1,0 +1,169 @@
+"""Model shapes, assignment semantics, gradient flow, official sizes and key sets, buffer behaviour."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pgseg
+from pgseg.models.grouping import straight_through_hard
+from pgseg.models.image_encoder import resize_pos_embed
+from tests.conftest import tiny_batch, tiny_model_config
+
+
+@pytest.mark.parametrize('arch,variant', [('pgseg', 'paper'), ('pgseg', 'reference'), ('groupvit', 'paper')])
+def test_shapes_and_maps(arch, variant):
+    cfg = tiny_model_config(arch, variant)
+    model = pgseg.build_model(cfg).eval()
+    images = torch.randn(2, 3, 48, 40)  # not the training size: position embedding is resized (6 x 5 grid)
+    out = model.encode_image(images)
+    assert out.grid == (6, 5)
+    assert out.image_embeds.shape == (2, cfg.output_dim)
+    assert out.group_embeds.shape == (2, 4, cfg.output_dim)
+    assert [m.shape for m in out.group_maps] == [(2, 30, 8), (2, 30, 4)]
+    for m in out.group_maps:  # composed soft maps are distributions over groups for every patch
+        torch.testing.assert_close(m.sum(-1), torch.ones(2, 30))
+    text = model.encode_text(pgseg.tokenize(['a cat', 'a dog'], context_length=16))
+    assert text.shape == (2, cfg.output_dim)
+
+
+def test_hard_assignment_is_one_hot_with_soft_gradient(tiny_cfg):
+    model = pgseg.build_model(tiny_cfg).train()
+    images, _ = tiny_batch()
+    feats = model.img_encoder(images)
+    for stage in feats.stages:
+        a = stage.grouping.assignment  # [B, G, N]
+        assert set(a.detach().unique().tolist()) <= {0.0, 1.0}
+        torch.testing.assert_close(a.detach().sum(dim=1), torch.ones(a.shape[0], a.shape[2]))
+    # straight-through: value one-hot, gradient of the soft input
+    soft = torch.softmax(torch.randn(3, 5, 7), dim=1).requires_grad_()
+    hard = straight_through_hard(soft, dim=1)
+    (hard * torch.arange(5.).view(1, 5, 1)).sum().backward()
+    torch.testing.assert_close(soft.grad, torch.arange(5.).view(1, 5, 1).expand(3, 5, 7))
+
+
+def test_gumbel_noise_only_in_training(tiny_cfg):
+    model = pgseg.build_model(tiny_cfg)
+    images, _ = tiny_batch()
+    model.eval()
+    a = model.img_encoder(images).stages[0].grouping.assignment
+    b = model.img_encoder(images).stages[0].grouping.assignment
+    assert torch.equal(a, b)
+    model.train()
+    draws = {tuple(model.img_encoder(images).stages[0].grouping.assignment.argmax(1).flatten().tolist())
+             for _ in range(4)}
+    assert len(draws) > 1  # noisy in training
+
+
+@pytest.mark.parametrize('arch,variant', [('pgseg', 'paper'), ('pgseg', 'reference'), ('groupvit', 'paper')])
+def test_gradient_reaches_every_parameter(arch, variant):
+    model = pgseg.build_model(tiny_model_config(arch, variant)).train()
+    images, tokens = tiny_batch()
+    losses = model.compute_losses(images, tokens)
+    assert ('npr' in losses) == (arch == 'pgseg')
+    losses['loss'].backward()
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+    assert torch.isfinite(losses['loss'])
+
+
+def test_multi_label_tokens():
+    cfg = tiny_model_config('groupvit')
+    cfg.multi_label = 2
+    model = pgseg.build_model(cfg).train()
+    images, tokens = tiny_batch()
+    prompts = pgseg.tokenize(['a photo of a dog'] * 8, context_length=16).reshape(4, 2, 16)
+    losses = model.compute_losses(images, torch.cat([tokens.unsqueeze(1), prompts], dim=1))
+    assert 'multi_label' in losses and losses['multi_label'] > 0
+    torch.testing.assert_close(losses['loss'], losses['itc'] + losses['multi_label'])
+    losses['loss'].backward()
+    assert model.multi_label_logit_scale.grad is not None
+
+
+def test_eval_never_mutates_buffers():
+    model = pgseg.build_model(tiny_model_config('pgseg', 'reference')).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, tokens = tiny_batch()
+    with torch.no_grad():
+        model.compute_losses(images, tokens)
+        model.class_embeddings(['cat', 'dog'])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_momentum_updates_by_variant():
+    images, tokens = tiny_batch()
+    ref = pgseg.build_model(tiny_model_config('pgseg', 'reference')).train()
+    mu_img, mu_txt = ref.img_encoder.layers[0].downsample_spatial.mu.clone(), ref.text_encoder.Atten.mu.clone()
+    ref.compute_losses(images, tokens)
+    assert torch.equal(ref.img_encoder.layers[0].downsample_spatial.mu, mu_img)  # the release never updates it
+    assert not torch.equal(ref.text_encoder.Atten.mu, mu_txt)
+    paper = pgseg.build_model(tiny_model_config('pgseg', 'paper')).train()
+    mu_img = paper.img_encoder.layers[0].downsample_spatial.mu.clone()
+    mu_tok = paper.text_encoder.token_prototypes.mu.clone()
+    paper.compute_losses(images, tokens)
+    new = paper.img_encoder.layers[0].downsample_spatial.mu
+    assert not torch.equal(new, mu_img)
+    torch.testing.assert_close(new.norm(dim=-1), torch.ones(1, 8), atol=1e-4, rtol=0)
+    assert not torch.equal(paper.text_encoder.token_prototypes.mu, mu_tok)
+
+
+def test_paper_variant_leaves_projection_running_stats_to_inference_batches(tiny_cfg):
+    model = pgseg.build_model(tiny_cfg).train()
+    images, tokens = tiny_batch()
+    bn = model.text_projector.linear_hidden[1]
+    model.img_encoder.requires_grad_(False)
+    with torch.no_grad():
+        model.compute_losses(images, tokens)
+        after_losses = bn.running_mean.clone()
+        bn.reset_running_stats()
+        model.text_projector(model.text_encoder(tokens))
+    # the running statistics moved only by the caption batch, not by the prototype batch
+    torch.testing.assert_close(bn.running_mean, after_losses)
+
+
+def test_class_embeddings_normalised_and_mode_restored(tiny_cfg):
+    model = pgseg.build_model(tiny_cfg).train()
+    emb = model.class_embeddings(['cat', 'dog', 'sky'], templates=('a photo of a {}.', 'a {}'))
+    assert emb.shape == (3, tiny_cfg.output_dim)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+    assert model.training
+
+
+def test_resize_pos_embed():
+    table = torch.randn(1, 16, 8)
+    assert resize_pos_embed(table, (4, 4)) is table
+    out = resize_pos_embed(table, (6, 3))
+    assert out.shape == (1, 18, 8)
+    with pytest.raises(ValueError, match='square'):
+        resize_pos_embed(torch.randn(1, 15, 8), (3, 5))
+
+
+def test_official_sizes_and_keys():
+    """The official configurations have the official parameter counts and state-dict keys (reference-spec §1.1, §7)."""
+    cfg = pgseg.load_config('configs/pgseg_gcc_redcaps.yaml').model
+    cfg.npr.variant = 'reference'
+    model = pgseg.build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == 64_677_394
+    keys = model.state_dict().keys()
+    assert len(keys) == 437
+    cfg.arch = 'groupvit'
+    groupvit = pgseg.build_model(cfg).state_dict()
+    assert len(groupvit) == 406
+    assert sum(v.numel() for k, v in groupvit.items() if 'running' not in k and 'num_batches' not in k) == 55_726_609
+    assert set(keys) - set(groupvit) == {k for k in keys if pgseg.checkpoint.NPR_ONLY_KEY.search(k)}
+    assert len(set(keys) - set(groupvit)) == 31
+
+
+def test_bad_model_config_errors():
+    cfg = tiny_model_config()
+    cfg.image.num_output_groups = [8]
+    with pytest.raises(ValueError, match='num_output_groups'):
+        pgseg.build_model(cfg)
+    cfg = tiny_model_config()
+    cfg.npr.num_text_prototypes = 3
+    with pytest.raises(pgseg.ConfigError, match='num_text_prototypes'):
+        pgseg.build_model(cfg)
+    model = pgseg.build_model(tiny_model_config('pgseg', 'paper'))
+    with pytest.raises(ValueError, match='reference'):
+        model.compute_losses(*tiny_batch(), npr_variant='reference')
