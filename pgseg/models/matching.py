@@ -9,15 +9,18 @@ contrastive loss). ``MatchHandle.indices()`` joins the worker when the loss need
 from __future__ import annotations
 
 import atexit
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ['MatchHandle', 'match_async', 'hungarian_indices']
+__all__ = ['MatchHandle', 'match_async', 'hungarian_indices', 'MATCH_TIMING']
 
 _POOL: ThreadPoolExecutor | None = None
+# Seconds spent solving (in the worker) and waiting for results (in the caller): read by scripts/benchmark.py.
+MATCH_TIMING = {'solve_s': 0.0, 'wait_s': 0.0, 'problems': 0}
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -30,10 +33,13 @@ def _pool() -> ThreadPoolExecutor:
 
 def hungarian_indices(sim: np.ndarray, maximize: bool) -> np.ndarray:
     """sim: [B, G, G] -> column index matched to each row, [B, G] int64 (exact, per problem)."""
+    start = time.perf_counter()
     out = np.empty(sim.shape[:2], dtype=np.int64)
     for b in range(sim.shape[0]):
         rows, cols = linear_sum_assignment(sim[b], maximize=maximize)
         out[b, rows] = cols
+    MATCH_TIMING['solve_s'] += time.perf_counter() - start
+    MATCH_TIMING['problems'] += sim.shape[0]
     return out
 
 
@@ -44,7 +50,9 @@ class MatchHandle:
         self._future, self._device = future, device
 
     def indices(self) -> torch.Tensor:
+        start = time.perf_counter()
         idx = torch.from_numpy(self._future.result())
+        MATCH_TIMING['wait_s'] += time.perf_counter() - start
         if self._device.type == 'cuda':
             return idx.pin_memory().to(self._device, non_blocking=True)
         return idx.to(self._device)
