@@ -139,7 +139,10 @@ class TrainLoopConfig:
     grad_accum_steps: int = 1
     seed: int = 0
     output_dir: str = 'runs/${oc.env:PGSEG_RUN_NAME,pgseg}'
-    max_nonfinite_steps: int = 20
+    max_nonfinite_steps: int = 20  # stop with an error after this many non-finite steps in a row
+    max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps
+    time_limit_minutes: float | None = None  # stop (with a checkpoint) once training has run this long
+    find_unused_parameters: bool = False
 
 
 @dataclass
@@ -155,9 +158,9 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 2000
-    keep_last: int = 3
+    keep_last: int = 3  # older ckpt-<step> directories are deleted; ckpt-best is kept apart
     init_from: str | None = None  # official or pgseg checkpoint to start from (e.g. GroupViT for PGSeg)
-    resume: str | None = 'auto'
+    resume: str | None = 'auto'  # 'auto': the newest checkpoint in train.output_dir; a path; or null
 
 
 @dataclass

@@ -52,7 +52,7 @@ class TextEncoder(TextTransformer):
         return self.encode(text)[0]
 
     def no_weight_decay(self) -> set[str]:
-        return {'positional_embedding', 'token_embedding.weight'}
+        return {'positional_embedding'}
 
 
 def valid_token_mask(text: torch.Tensor) -> torch.Tensor:

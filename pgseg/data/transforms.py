@@ -1,0 +1,115 @@
+"""Image decoding and training augmentation (``reference-spec.md`` §4.3).
+
+``official_pgseg``: RandomResizedCrop(224, scale 0.08-1, ratio 3/4-4/3, bilinear), horizontal flip 0.5, ImageNet
+normalisation. The crop box is drawn from the header's size *before* decoding, so JPEGs decode in draft mode at the
+smallest 1/2^k scale that still gives the crop its full output resolution: the same pixels out, less decode work.
+``official_groupvit``: timm's ``create_transform`` with GroupViT's RandAugment recipe and random erasing.
+Every image Pillow can open is turned into RGB correctly (grayscale, palette, alpha, CMYK, 16-bit).
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'to_rgb', 'open_image', 'TrainTransform', 'build_train_transform',
+           'normalize_tensor', 'sample_crop_box']
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Augment = Literal['official_pgseg', 'official_groupvit', 'none']
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow image -> 8-bit RGB: 16/32-bit grayscale is rescaled (not clipped), alpha is composited on white."""
+    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F'):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith('I;16') else max(float(arr.max()), 1.0)
+        return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8), 'L').convert('RGB')
+    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+        rgba = img.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert('RGB')
+    return img.convert('RGB') if img.mode != 'RGB' else img
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open image bytes lazily (header only). Raises ``ValueError`` for empty or zero-size images."""
+    if not data:
+        raise ValueError('empty image file')
+    img = Image.open(io.BytesIO(data))
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f'zero-size image {img.size}')
+    return img
+
+
+def sample_crop_box(width: int, height: int, rng: random.Random, scale=(0.08, 1.0),
+                    ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (left, top, w, h), drawn as torchvision draws it (10 tries, then a centre crop)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def normalize_tensor(img: Image.Image) -> torch.Tensor:
+    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class TrainTransform:
+    """bytes -> normalised [3, size, size] float tensor. ``rng`` drives every random choice (exact resume)."""
+
+    def __init__(self, size: int = 224, augment: Augment = 'official_pgseg', scale=(0.08, 1.0),
+                 use_draft: bool = True):
+        self.size, self.augment, self.scale, self.use_draft = size, augment, tuple(scale), use_draft
+        self._timm: Callable | None = None
+        if augment == 'official_groupvit':
+            from timm.data import create_transform
+            self._timm = create_transform(size, is_training=True, scale=self.scale, ratio=(3 / 4, 4 / 3),
+                                          hflip=0.5, color_jitter=0.4, auto_augment='rand-m9-mstd0.5-inc1',
+                                          interpolation='bilinear', re_prob=0.25, re_mode='pixel', re_count=1,
+                                          mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        elif augment not in ('official_pgseg', 'none'):
+            raise ValueError(f"augment must be 'official_pgseg', 'official_groupvit' or 'none', got {augment!r}")
+
+    def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        img = open_image(data)
+        if self.augment == 'none':
+            return normalize_tensor(to_rgb(img).resize((self.size, self.size), Image.BILINEAR))
+        if self._timm is not None:
+            return self._timm(to_rgb(img))  # timm's transforms draw from the global RNGs, seeded per sample
+        left, top, w, h = sample_crop_box(img.width, img.height, rng, self.scale)
+        if self.use_draft and img.format == 'JPEG' and min(w, h) >= 2 * self.size:
+            full = img.size
+            # the largest reduction that keeps the crop at least `size` pixels on each side
+            img.draft('RGB', (math.ceil(full[0] * self.size / w), math.ceil(full[1] * self.size / h)))
+            sx, sy = img.size[0] / full[0], img.size[1] / full[1]
+            left, top, w, h = left * sx, top * sy, w * sx, h * sy
+        img = to_rgb(img)
+        out = img.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        if rng.random() < 0.5:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return normalize_tensor(out)
+
+
+def build_train_transform(size: int, augment: Augment, scale=(0.08, 1.0)) -> TrainTransform:
+    return TrainTransform(size=size, augment=augment, scale=scale)
