@@ -7,7 +7,7 @@ Per epoch, on every rank and DataLoader worker::
          probability proportional to source weight / source shard count (resampled)
       -> split by node (rank::world), then by worker (worker::num_workers)
       -> webdataset's tarfile_samples (corrupt tar members are skipped and counted)
-      -> shuffle buffer driven by Random(seed, epoch, rank, worker)
+      -> shuffle buffer driven by Random(seed, epoch, rank, worker), flushed at the end of each pass
       -> skip the samples this worker already delivered (exact resume)
       -> decode + augment with an RNG seeded by (seed, epoch, rank, worker, sample index); bad samples are skipped,
          counted by reason and logged with shard and key
@@ -155,7 +155,9 @@ class TrainStream(IterableDataset):
         mine = order[self.rank::self.world_size]
         return mine[worker::self.num_workers]
 
-    def _raw_samples(self, epoch: int, worker: int, counts: Counter) -> Iterator[dict]:
+    def _samples(self, epoch: int, worker: int, counts: Counter, rng: random.Random) -> Iterator[dict]:
+        """Endless passes over this worker's shards; the shuffle buffer is flushed at the end of each pass, so the
+        first pass is delivered completely before any sample repeats."""
         def on_error(exc: Exception) -> bool:
             counts['bad_tar'] += 1
             log.warning('skipping unreadable tar data: %s', exc)
@@ -164,7 +166,7 @@ class TrainStream(IterableDataset):
         repeat = 0
         while True:
             urls = self._shard_pass(epoch, repeat, worker)
-            yield from tarfile_samples(({'url': u} for u in urls), handler=on_error)
+            yield from self._shuffled(tarfile_samples(({'url': u} for u in urls), handler=on_error), rng)
             repeat += 1
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
@@ -228,13 +230,13 @@ class TrainStream(IterableDataset):
         done = self.position.batches.get(worker, 0)
         counts: Counter = Counter()
         shuffle_rng = random.Random(_seed(self.seed, epoch, self.rank, worker, 2))
-        stream = self._shuffled(self._raw_samples(epoch, worker, counts), shuffle_rng)
+        stream = self._samples(epoch, worker, counts, shuffle_rng)
         delivered = 0
         for _ in range(skip):  # exact resume: the same samples, not decoded again
             next(stream)
             delivered += 1
         for batch_index in range(done, self.worker_batches(worker)):
-            images, tokens = [], []
+            images, tokens, keys = [], [], []
             while len(images) < self.batch_size:
                 sample = next(stream)
                 rng = random.Random(_seed(self.seed, epoch, self.rank, worker, 3, delivered))
@@ -244,11 +246,15 @@ class TrainStream(IterableDataset):
                 if out is not None:
                     images.append(out[0])
                     tokens.append(out[1])
+                    keys.append(sample['__key__'])
             yield (torch.stack(images), torch.stack(tokens),
-                   {'worker': worker, 'delivered': delivered, 'batches': batch_index + 1, 'skipped': dict(counts)})
+                   {'worker': worker, 'delivered': delivered, 'batches': batch_index + 1, 'skipped': dict(counts),
+                    'keys': keys})
 
 
 def build_train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
-    """An in-order DataLoader over the stream (batches are collated in the workers)."""
+    """An in-order DataLoader over the stream (batches are collated in the workers). It gets its own generator:
+    starting an epoch must not draw from the global RNG, which the model's noise uses (exact resume)."""
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(stream.seed))

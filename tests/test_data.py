@@ -1,0 +1,219 @@
+"""Synthetic data, shard and dataset layouts, the streaming pipeline (exactly once, bad samples), transforms."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from pgseg.data.synthetic import SYNONYMS, SceneConfig, caption_for, render_scene
+from pgseg.data.synthetic_writers import scene_rng, write_caption_shards, write_segmentation_set
+from pgseg.data.text import CaptionTokenizer, extract_prompt_words
+from pgseg.data.transforms import TrainTransform, to_rgb
+from pgseg.data.webdataset import TrainStream, expand_source
+
+
+# ---------------------------------------------------------------------------------------------- synthetic scenes
+def test_scenes_are_deterministic_and_labelled():
+    cfg = SceneConfig(size=48)
+    a, b = render_scene(scene_rng(3, 7), cfg), render_scene(scene_rng(3, 7), cfg)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+    assert not np.array_equal(a.image, render_scene(scene_rng(3, 8), cfg).image)
+    present = {cfg.classes[k - 1] for k in np.unique(a.mask) if k}
+    assert present == {o.cls for o in a.objects} and present
+    assert a.boundary.any() and not a.boundary[a.mask == 0].all()
+
+
+def test_captions_name_every_visible_class():
+    cfg = SceneConfig(size=48)
+    for i in range(50):
+        rng = scene_rng(0, i)
+        scene = render_scene(rng, cfg)
+        caption = caption_for(rng, scene.objects)
+        for obj in scene.objects:
+            assert any(word in caption for word in SYNONYMS[obj.cls]), (caption, obj.cls)
+
+
+def test_forbidden_and_required_pairs():
+    cfg = SceneConfig(size=32, min_objects=2, max_objects=4, forbidden_pairs=[('circle', 'star')])
+    for i in range(100):
+        classes = {o.cls for o in render_scene(scene_rng(1, i), cfg).objects}
+        assert not {'circle', 'star'} <= classes
+    need = SceneConfig(size=64, required_pair=('circle', 'star'), min_radius=0.1, max_radius=0.15)
+    together = sum({'circle', 'star'} <= {o.cls for o in render_scene(scene_rng(2, i), need).objects}
+                   for i in range(30))
+    assert together >= 25  # both are drawn every time; rarely one hides the other completely
+
+
+def test_caption_shard_layout(tmp_path):
+    paths = write_caption_shards(str(tmp_path), 25, seed=0, samples_per_shard=10, scene=SceneConfig(size=32),
+                                 progress=False)
+    assert [os.path.basename(p) for p in paths] == ['00000.tar', '00001.tar', '00002.tar']
+    assert json.load(open(tmp_path / 'sizes.json')) == {'00000.tar': 10, '00001.tar': 10, '00002.tar': 5}
+    names = tarfile.open(paths[1]).getnames()
+    assert names[:3] == ['000010000.jpg', '000010000.txt', '000010000.json']
+    assert not any(n.endswith('.png') for n in names)  # no pixel labels in training data
+
+
+@pytest.mark.parametrize('layout,files', [
+    ('voc', ['VOCdevkit/VOC2012/JPEGImages', 'VOCdevkit/VOC2012/SegmentationClass',
+             'VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt']),
+    ('context', ['VOCdevkit/VOC2010/JPEGImages', 'VOCdevkit/VOC2010/SegmentationClassContext',
+                 'VOCdevkit/VOC2010/ImageSets/SegmentationContext/val.txt']),
+    ('coco_object', ['coco/images/val2017', 'coco/annotations/val2017']),
+])
+def test_segmentation_layouts(tmp_path, layout, files):
+    base = write_segmentation_set(str(tmp_path), layout, 4, seed=5, scene=SceneConfig(size=32), progress=False)
+    for f in files:
+        assert os.path.exists(tmp_path / f), f
+    ann_dir = tmp_path / files[1]
+    ann = [f for f in os.listdir(ann_dir) if f.endswith('.png')]
+    assert len(ann) == 4 and os.path.isdir(base)
+    label = Image.open(ann_dir / ann[0])
+    values = set(np.unique(np.asarray(label)).tolist())
+    if layout == 'voc':
+        assert label.mode == 'P' and 255 in values  # palette PNG with ignore-labelled outlines
+    else:
+        assert label.mode == 'L' and 255 not in values
+    if layout == 'coco_object':
+        assert all(a.endswith('_instanceTrainIds.png') and len(a.split('_')[0]) == 12 for a in ann)
+
+
+# ---------------------------------------------------------------------------------------------- the stream
+def _stream(tmp_path, world=1, rank=0, workers=0, batch=4, steps=None, resampled=False, **kw):
+    source = expand_source('s', str(tmp_path / '{00000..00003}.tar'))
+    steps = steps or source.length // (batch * world)
+    return TrainStream([source], TrainTransform(32, 'official_pgseg'), CaptionTokenizer(16), batch, steps,
+                       seed=0, resampled=resampled, shuffle_buffer=5, rank=rank, world_size=world,
+                       num_workers=workers, **kw)
+
+
+def _keys(stream, workers):
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    return [k for _, _, info in loader for k in info['keys']]
+
+
+def test_every_sample_exactly_once_over_two_ranks_and_two_workers(tmp_path):
+    write_caption_shards(str(tmp_path), 32, samples_per_shard=8, scene=SceneConfig(size=32), progress=False)
+    seen = []
+    for rank in range(2):
+        seen += _keys(_stream(tmp_path, world=2, rank=rank, workers=2), workers=2)
+    assert len(seen) == 32 and len(set(seen)) == 32
+    # the next epoch is another order of the same samples
+    stream = _stream(tmp_path, world=2, rank=0, workers=2)
+    stream.position.epoch = 1
+    assert sorted(_keys(stream, 2)) != sorted(seen[:16]) or _keys(stream, 2) != seen[:16]
+
+
+def test_batches_shapes_and_resampled_mode(tmp_path):
+    write_caption_shards(str(tmp_path), 32, samples_per_shard=8, scene=SceneConfig(size=32), progress=False)
+    images, tokens, info = next(iter(_stream(tmp_path, resampled=True, steps=3)))
+    assert images.shape == (4, 3, 32, 32) and tokens.shape == (4, 16) and tokens.dtype == torch.long
+    assert info['batches'] == 1
+
+
+def test_too_few_shards_is_a_clear_error(tmp_path):
+    write_caption_shards(str(tmp_path), 32, samples_per_shard=8, scene=SceneConfig(size=32), progress=False)
+    with pytest.raises(ValueError, match='4 shards cannot feed 2 ranks x 4 workers'):
+        _stream(tmp_path, world=2, workers=4)
+    _stream(tmp_path, world=2, workers=4, resampled=True)  # resampling can feed any number of streams
+
+
+def test_missing_shards_and_sizes_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match='do not exist'):
+        expand_source('x', str(tmp_path / 'nope-{000..003}.tar'))
+    (tmp_path / 'a.tar').write_bytes(b'')
+    with pytest.raises(FileNotFoundError, match='sizes.json'):
+        expand_source('x', str(tmp_path / 'a.tar'))
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def _jpeg_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format='JPEG')
+    return buf.getvalue()
+
+
+def _zero_size_png() -> bytes:
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 0, 0, 8, 2, 0, 0, 0)) + chunk(b'IEND', b'')
+
+
+def _write_tar(path, samples):
+    with tarfile.open(path, 'w') as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f'{key}.{ext}')
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_are_skipped_and_counted_good_odd_formats_decoded(tmp_path):
+    rgb = Image.new('RGB', (40, 30), (200, 10, 10))
+    good_jpeg = _jpeg_bytes(rgb)
+    arr16 = (np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16)
+    odd_but_fine = {
+        'gray': _png_bytes(rgb.convert('L')), 'cmyk': _jpeg_bytes(rgb.convert('CMYK')),
+        'rgba': _png_bytes(rgb.convert('RGBA')), 'palette': _png_bytes(rgb.convert('P')),
+        'sixteen': _png_bytes(Image.fromarray(arr16)),
+    }
+    samples = [(f'ok_{name}', {'png' if name != 'cmyk' else 'jpg': data, 'txt': b'a red box'})
+               for name, data in odd_but_fine.items()]
+    samples += [
+        ('truncated', {'jpg': good_jpeg[:len(good_jpeg) // 2], 'txt': b'a cut image'}),
+        ('zero_size', {'png': _zero_size_png(), 'txt': b'nothing'}),
+        ('empty_image', {'jpg': b'', 'txt': b'nothing'}),
+        ('no_caption', {'jpg': good_jpeg}),
+        ('empty_caption', {'jpg': good_jpeg, 'txt': b'   '}),
+        ('latin1_caption', {'jpg': good_jpeg, 'txt': 'caf\xe9'.encode('latin-1')}),
+        ('no_image', {'txt': b'a caption alone'}),
+    ]
+    samples += [(f'fill_{i}', {'jpg': good_jpeg, 'txt': b'a red square'}) for i in range(3)]
+    _write_tar(tmp_path / 'bad.tar', samples)
+    source = expand_source('bad', str(tmp_path / 'bad.tar'), length=len(samples))
+    stream = TrainStream([source], TrainTransform(16, 'official_pgseg'), CaptionTokenizer(16), batch_size=8,
+                         steps_per_epoch=1, shuffle_buffer=1)
+    images, tokens, info = next(iter(stream))
+    assert sorted(info['keys']) == sorted([f'ok_{n}' for n in odd_but_fine] + [f'fill_{i}' for i in range(3)])
+    assert info['skipped'] == {'bad_image': 3, 'missing_caption': 1, 'bad_caption': 2, 'missing_image': 1}
+    assert torch.isfinite(images).all()
+
+
+def test_to_rgb_rescales_sixteen_bit():
+    img = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert np.asarray(to_rgb(img)).min() == 255
+    img = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    assert abs(int(np.asarray(to_rgb(img))[0, 0, 0]) - 128) <= 1
+
+
+def test_draft_decoding_matches_full_decoding():
+    big = np.asarray(render_scene(scene_rng(0, 1), SceneConfig(size=512)).image)
+    data = _jpeg_bytes(Image.fromarray(big))
+    fast = TrainTransform(64, 'official_pgseg', scale=(0.5, 1.0), use_draft=True)
+    slow = TrainTransform(64, 'official_pgseg', scale=(0.5, 1.0), use_draft=False)
+    a, b = fast(data, random.Random(4)), slow(data, random.Random(4))
+    assert a.shape == b.shape == (3, 64, 64)
+    assert (a - b).abs().mean() < 0.08  # the same crop; draft decoding differs only by resampling noise
+
+
+def test_multi_label_prompts():
+    assert extract_prompt_words('Two red circles and a blue square on the grass') == ['circles', 'square', 'grass']
+    tok = CaptionTokenizer(16, num_prompts=3, templates=('a photo of a {}.',))
+    out = tok('a cat on a sofa', random.Random(0))
+    assert out.shape == (4, 16)
+    assert torch.equal(out[0], out[3])  # only two words: the third prompt is the caption again

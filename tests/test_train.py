@@ -1,0 +1,163 @@
+"""The trainer: exact resume, DDP equals one process, the non-finite guard, schedule and parameter groups, main()."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import pgseg
+from pgseg.data.synthetic import SceneConfig
+from pgseg.data.synthetic_writers import write_caption_shards
+from pgseg.engine import NonFiniteLossError, RunState, train_step
+from pgseg.optim import build_scheduler, param_groups
+from pgseg.train import main as train_main
+from pgseg.train import run
+from tests.conftest import TINY_CONFIG, tiny_batch, tiny_model_config
+
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('shards')
+    write_caption_shards(str(folder), 32, seed=0, samples_per_shard=8, scene=SceneConfig(size=32), progress=False)
+    return str(folder / '{00000..00003}.tar')
+
+
+def _cfg(shards, out, **train):
+    cfg = pgseg.load_config(TINY_CONFIG, [
+        f'train.output_dir={out}', 'log.wandb_mode=disabled', 'log.every_steps=1', 'log.group_maps_every_steps=0',
+        'train.steps_per_epoch=4', 'train.epochs=2', 'checkpoint.every_steps=100', 'data.num_workers=2',
+        'data.shuffle_buffer=4'])
+    cfg.data.sources = [pgseg.config.DataSourceConfig(name='synthetic', pattern=shards)]
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def _final_weights(out):
+    last = sorted(d for d in os.listdir(out) if d.startswith('ckpt-'))[-1]
+    return load_file(os.path.join(out, last, 'model.safetensors')), last
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_parameters(tmp_path, shards):
+    """3 steps, stop, resume to 6 (across an epoch boundary, 2 data workers) == 6 steps in one go."""
+    run(_cfg(shards, tmp_path / 'straight', max_steps=6))
+    run(_cfg(shards, tmp_path / 'resumed', max_steps=3))
+    state = run(_cfg(shards, tmp_path / 'resumed', max_steps=6))
+    assert state.step == 6 and state.epoch == 1
+    a, name_a = _final_weights(tmp_path / 'straight')
+    b, name_b = _final_weights(tmp_path / 'resumed')
+    assert name_a == name_b == 'ckpt-00000006'
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [json.loads(line) for line in open(tmp_path / 'resumed' / 'metrics.jsonl')]
+    assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_main_smoke_and_outputs(tmp_path, shards):
+    code = train_main(['--config', TINY_CONFIG, f'train.output_dir={tmp_path}', 'log.wandb_mode=disabled',
+                       f'data.sources=[{{name: s, pattern: "{shards}"}}]', 'train.max_steps=2',
+                       'log.every_steps=1', 'log.group_maps_every_steps=2', 'data.num_workers=0'])
+    assert code == 0
+    assert {'config.yaml', 'env.json', 'metrics.jsonl', 'ckpt-00000002', 'group_maps'} <= set(os.listdir(tmp_path))
+    row = json.loads(open(tmp_path / 'metrics.jsonl').readline())
+    for key in ('train/loss', 'train/itc', 'train/npr', 'train/lr', 'train/grad_norm', 'train/images_per_s',
+                'data/skipped_samples', 'train/logit_scale'):
+        assert key in row
+    assert json.load(open(tmp_path / 'env.json'))['world_size'] == 1
+
+
+def test_main_reports_config_errors(tmp_path, capsys):
+    assert train_main(['--config', TINY_CONFIG, f'train.output_dir={tmp_path}']) == 2
+    assert 'data.sources is empty' in capsys.readouterr().err
+    assert train_main(['--config', TINY_CONFIG, 'optim.nope=1']) == 2
+    assert 'optim.nope' in capsys.readouterr().err
+
+
+class _Exploding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, images, tokens):
+        loss = (self.w * images.mean()).sum() * float('nan')
+        return {'loss': loss}
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run():
+    model = _Exploding()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = RunState()
+    batch = [(torch.ones(2, 3, 4, 4), torch.zeros(2, 5, dtype=torch.long))]
+    for _ in range(2):
+        result = train_step(model, batch, opt)
+        assert not result.applied and torch.equal(model.w.detach(), torch.ones(3))
+        state.count_step(result.applied, max_streak=3)
+    with pytest.raises(NonFiniteLossError, match='3 consecutive'):
+        state.count_step(train_step(model, batch, opt).applied, max_streak=3)
+
+
+def test_schedule_official_warmup_quirk():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    official = build_scheduler(opt, total_steps=300, warmup_steps=100, warmup_lr=1e-6, min_lr=1e-5,
+                               warmup_prefix=False)
+    official.step_update(100)
+    expected = 1e-5 + 0.5 * (1e-4 - 1e-5) * (1 + math.cos(math.pi * 100 / 300))  # the drop at the end of warmup
+    assert opt.param_groups[0]['lr'] == pytest.approx(expected)
+    fixed = build_scheduler(opt, total_steps=300, warmup_steps=100, warmup_lr=1e-6, min_lr=1e-5)
+    fixed.step_update(100)
+    assert opt.param_groups[0]['lr'] == pytest.approx(1e-4)
+    fixed.step_update(50)
+    assert opt.param_groups[0]['lr'] == pytest.approx(1e-6 + 50 * (1e-4 - 1e-6) / 100)
+
+
+def test_parameter_groups():
+    model = pgseg.build_model(tiny_model_config())
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in param_groups(model, 0.05, 'pgseg')[0]['params']}
+    for n in ('img_encoder.pos_embed', 'img_encoder.layers.0.group_token', 'logit_scale',
+              'text_encoder.positional_embedding', 'img_encoder.logit_scale'):
+        assert n not in decayed
+    assert 'img_encoder.layers.0.blocks.0.attn.qkv.weight' in decayed
+    official = {names[id(p)] for p in param_groups(model, 0.05, 'official')[0]['params']}
+    assert {'img_encoder.pos_embed', 'logit_scale', 'img_encoder.layers.0.group_token'} <= official
+
+
+# ---------------------------------------------------------------------------------------------- DDP equivalence
+def _ddp_model():
+    cfg = tiny_model_config('groupvit')
+    cfg.proj_num_layers = 1  # no BatchNorm: its statistics are per rank by design on the CPU
+    cfg.image.gumbel = False
+    torch.manual_seed(0)
+    return pgseg.build_model(cfg)
+
+
+def _one_sgd_step(model, images, tokens):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    train_step(model, [(images, tokens)], opt)
+    return {n: p.detach().clone() for n, p in (model.module if hasattr(model, 'module') else model).named_parameters()}
+
+
+def _ddp_worker(rank, init_file, expected):
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        images, tokens = tiny_batch(8)
+        model = torch.nn.parallel.DistributedDataParallel(_ddp_model())
+        got = _one_sgd_step(model, images[rank * 4:(rank + 1) * 4], tokens[rank * 4:(rank + 1) * 4])
+        for k, v in expected.items():
+            torch.testing.assert_close(got[k], v, atol=1e-4, rtol=1e-4, msg=k)  # float noise only
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_step_equals_one_process_on_the_concatenated_batch(tmp_path):
+    images, tokens = tiny_batch(8)
+    expected = _one_sgd_step(_ddp_model(), images, tokens)
+    mp.spawn(_ddp_worker, args=(os.path.join(tmp_path, 'init'), expected), nprocs=2, join=True)
