@@ -21,6 +21,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ['UnsafeCheckpointError', 'CheckpointError', 'LoadReport', 'read_official_checkpoint',
            'model_config_from_official', 'infer_model_config', 'load_state_into', 'save_checkpoint',
-           'load_checkpoint', 'load_model', 'find_latest', 'convert_official', 'NPR_ONLY_KEY']
+           'load_checkpoint', 'load_model', 'find_latest', 'NPR_ONLY_KEY']
 
 WEIGHTS_NAME, CONFIG_NAME, STATE_NAME = 'model.safetensors', 'config.yaml', 'train_state.pt'
 # Keys a GroupViT file lacks when loaded into the PGSeg architecture (reference-spec §7.4), plus pgseg's paper buffers.
@@ -53,8 +54,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 # ---------------------------------------------------------------------------------------------- restricted unpickling
 _ALLOWED_GLOBALS = {
-    ('torch._utils', '_rebuild_tensor'), ('torch._utils', '_rebuild_tensor_v2'), ('torch._utils', '_rebuild_parameter'),
-    ('torch._utils', '_rebuild_parameter_with_state'), ('torch', 'Size'), ('torch', 'device'),
+    ('torch._utils', '_rebuild_tensor'), ('torch._utils', '_rebuild_tensor_v2'), ('torch', 'Size'), ('torch', 'device'),
     ('collections', 'OrderedDict'), ('collections', 'defaultdict'),
     *(('builtins', n) for n in ('dict', 'list', 'tuple', 'set', 'frozenset', 'int', 'float', 'str', 'bool', 'bytes',
                                 'complex', 'slice', 'bytearray')),
@@ -146,21 +146,57 @@ def read_official_checkpoint(path: str | os.PathLike) -> OfficialCheckpoint:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
+    if not zipfile.is_zipfile(path):  # torch's legacy (tar) reader would extract members: never go there
+        raise CheckpointError(f'{path}: not a PyTorch zip checkpoint (torch.save format of torch >= 1.6)')
     try:
         raw = torch.load(path, map_location='cpu', weights_only=False, pickle_module=_RestrictedPickleModule)
     except UnsafeCheckpointError as exc:
         raise UnsafeCheckpointError(f'{path}: {exc}') from None
     except Exception as exc:
         raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})') from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f'{path}: expected a dict at the top level, found {type(raw).__name__}')
-    state = raw.get('model', raw)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"{path}: 'model' is not a state dict of tensors")
-    state = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
-    config = _plain(raw['config']) if 'config' in raw else None
-    meta = {k: _plain(v) for k, v in raw.items() if k in ('epoch', 'metrics', 'max_accuracy', 'max_miou')}
+    try:
+        if not isinstance(raw, dict):
+            raise CheckpointError(f'expected a dict at the top level, found {type(raw).__name__}')
+        state = raw.get('model', raw)
+        if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+            raise CheckpointError("'model' is not a state dict of named tensors")
+        state = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
+        config = _resolve_references(_plain(raw['config'])) if 'config' in raw else None
+        meta = {k: _plain(v) for k, v in raw.items() if k in ('epoch', 'metrics', 'max_accuracy', 'max_miou')}
+    except (CheckpointError, RecursionError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f'{path}: malformed checkpoint: {exc}') from None
     return OfficialCheckpoint(state_dict=state, config=config, meta=meta)
+
+
+_REFERENCE = re.compile(r'^\$\{([A-Za-z0-9_.]+)\}$')
+
+
+def _resolve_references(config: Any) -> Any:
+    """Resolve plain ``${a.b.c}`` node references inside the config (the released configs pickle them unresolved,
+    e.g. ``model.multi_label: ${data.text_aug.multi_label}``). Resolvers such as ``${oc.env:...}`` are never
+    evaluated: a value that is not a plain reference to an existing key becomes None, and the architecture falls
+    back on what the tensors show."""
+    def lookup(dotted: str, depth: int) -> Any:
+        node = config
+        for part in dotted.split('.'):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return walk(node, depth + 1)
+
+    def walk(node: Any, depth: int = 0) -> Any:
+        if depth > 20:
+            return None  # a reference cycle
+        if isinstance(node, dict):
+            return {k: walk(v, depth) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, depth) for v in node]
+        if isinstance(node, str) and '${' in node:
+            m = _REFERENCE.match(node)
+            return lookup(m.group(1), depth) if m else None
+        return node
+
+    return walk(config)
 
 
 # ---------------------------------------------------------------------------------------------- official -> config
@@ -173,15 +209,16 @@ def model_config_from_official(config: dict, state_dict: dict[str, torch.Tensor]
     arch = 'pgseg' if img_type == 'PGSeg' or 'img_encoder.layers.0.downsample_spatial.mu' in state_dict else 'groupvit'
     image = {k: img[k] for k in ('img_size', 'patch_size', 'embed_dim', 'embed_factors', 'depths', 'num_heads',
                                  'num_group_tokens', 'num_output_groups', 'drop_rate', 'drop_path_rate',
-                                 'attn_drop_rate', 'mlp_ratio', 'qkv_bias', 'patch_norm') if k in img}
-    if 'hard_assignment' in img:
-        image['hard_assignment'] = img['hard_assignment']
-    text = {k: txt[k] for k in ('context_length', 'width', 'layers', 'vocab_size') if k in txt}
+                                 'attn_drop_rate', 'mlp_ratio', 'qkv_bias', 'patch_norm', 'hard_assignment')
+             if img.get(k) is not None}
+    text = {k: txt[k] for k in ('context_length', 'width', 'layers', 'vocab_size') if txt.get(k) is not None}
     values: dict[str, Any] = {'arch': arch, 'image': image, 'text': text}
     for key in ('output_dim', 'contrast_temperature', 'proj_num_layers', 'multi_label', 'share_temperature',
                 'multi_label_loss_weight'):
-        if key in m:
+        if m.get(key) is not None:
             values[key] = m[key]
+    if 'multi_label' not in values:  # unresolvable in the file: the tensors tell whether the loss was on
+        values['multi_label'] = 1 if 'multi_label_logit_scale' in state_dict else 0
     _add_shape_facts(values, state_dict)
     return model_config_from_dict(values, where='official checkpoint config')
 
@@ -358,8 +395,11 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu'
     else:
         official = read_official_checkpoint(path)
         state = official.state_dict
-        cfg = (model_config_from_official(official.config, state) if official.config is not None
-               else infer_model_config(state))
+        try:
+            cfg = (model_config_from_official(official.config, state) if official.config is not None
+                   else infer_model_config(state))
+        except ConfigError as exc:
+            raise CheckpointError(f'{path}: {exc}') from None
         source = f'{path} (official format)'
     if npr_variant is not None or overrides:
         values = OmegaConf.to_container(OmegaConf.structured(cfg))
@@ -370,10 +410,3 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu'
     load_state_into(model, state, source=source, allow_npr_fresh=npr_variant is not None,
                     allow_npr_ignored=npr_variant is not None)
     return model.to(map_location).eval()
-
-
-def convert_official(src: str | os.PathLike, dst: str | os.PathLike) -> str:
-    """Official ``.pth`` -> pgseg checkpoint directory (weights and config, no training state)."""
-    model = load_model(src)
-    return save_checkpoint(dst, model, model.cfg)
-

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from .checkpoint import CheckpointError, load_model, save_checkpoint
+from .config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(args.src, npr_variant=args.npr_variant)
         out = save_checkpoint(args.dst, model, model.cfg)
-    except CheckpointError as exc:
+    except (CheckpointError, ConfigError) as exc:
         print(f'pgseg-convert: error: {exc}', file=sys.stderr)
         return 2
     n = sum(p.numel() for p in model.parameters())

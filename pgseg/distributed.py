@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ['is_distributed', 'get_rank', 'get_world_size', 'is_main_process', 'all_gather_with_grad',
-           'all_gather_no_grad', 'all_reduce_mean', 'barrier']
+           'broadcast_flag', 'all_ranks_true', 'all_reduce_mean', 'barrier']
 
 
 def is_distributed() -> bool:
@@ -42,7 +42,11 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # never modify the incoming gradient in place
+        if dist.get_backend() == 'nccl':
+            out = torch.empty_like(grad[:ctx.rows])
+            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
+            return out
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
@@ -54,13 +58,29 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-@torch.no_grad()
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+def _flag_device() -> torch.device:
+    """Where a small collective tensor must live: NCCL groups only take CUDA tensors."""
+    if dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def broadcast_flag(flag: bool, src: int = 0) -> bool:
+    """Rank ``src``'s decision, on every rank (e.g. to stop a run at the same step everywhere)."""
     if get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
+        return flag
+    t = torch.tensor([int(flag)], device=_flag_device())
+    dist.broadcast(t, src=src)
+    return bool(t.item())
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """True only if ``flag`` is True on every rank."""
+    if get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=_flag_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 @torch.no_grad()

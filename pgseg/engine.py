@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from .distributed import all_ranks_true
+
 __all__ = ['StepResult', 'NonFiniteLossError', 'autocast_for', 'train_step', 'RunState', 'capture_rng', 'restore_rng']
 
 
@@ -62,7 +64,7 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[tuple[torch.Tenso
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else math.inf)
-    loss_ok = bool(torch.isfinite(totals['loss']).item())  # the one host sync of the step
+    loss_ok = all_ranks_true(bool(torch.isfinite(totals['loss']).item()))  # the step's host sync; ranks agree
     if scaler is not None:  # fp16: the scaler skips steps with inf gradients and lowers its scale
         if loss_ok:
             scaler.step(optimizer)

@@ -1,10 +1,13 @@
 """Losses: image-text contrastive, GroupViT's multi-label contrastive, and PGSeg's prototype contrastive loss.
 
-Every function takes embeddings and returns a scalar; gathering across ranks goes through
-:func:`pgseg.distributed.all_gather_with_grad`, so each loss is exact in one process and across many.
+Each loss takes embeddings and returns a scalar; gathering across ranks goes through
+:func:`pgseg.distributed.all_gather_with_grad`, so each loss is exact in one process and across many. Losses run in
+float32 even inside a bf16/fp16 autocast region: logits scaled by up to 100 need more than bf16's 8 mantissa bits,
+and the HRS selection compares cosines that differ in the third decimal.
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -14,9 +17,21 @@ from timm.loss import SoftTargetCrossEntropy
 from .distributed import all_gather_with_grad, get_rank, get_world_size
 
 __all__ = ['clamp_logit_scale', 'contrastive_loss', 'multi_label_contrastive_loss', 'hrs_mask',
-           'prototype_contrastive_loss']
+           'prototype_contrastive_loss', 'float32']
 
 MAX_LOGIT_SCALE = 100.0
+
+
+def float32(fn):
+    """Run ``fn`` with autocast disabled and its floating-point tensor arguments cast to float32."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        tensors = [a for a in args if torch.is_tensor(a)]
+        device_type = tensors[0].device.type if tensors else 'cpu'
+        cast = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(*cast, **kwargs)
+    return wrapper
 
 
 def clamp_logit_scale(log_scale: torch.Tensor) -> torch.Tensor:
@@ -24,6 +39,7 @@ def clamp_logit_scale(log_scale: torch.Tensor) -> torch.Tensor:
     return log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
 
+@float32
 def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch (§3.1).
 
@@ -39,6 +55,7 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, log_
     return 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels))
 
 
+@float32
 def multi_label_contrastive_loss(image_embeds: torch.Tensor, prompt_embeds: torch.Tensor,
                                  log_scale: torch.Tensor) -> torch.Tensor:
     """GroupViT's multi-label loss (§3.2): each image against the K noun prompts of every caption in the batch.
@@ -55,7 +72,7 @@ def multi_label_contrastive_loss(image_embeds: torch.Tensor, prompt_embeds: torc
     logits_txt = scale * prompts @ all_gather_with_grad(image_embeds).t()  # [B*K, W*B]
     own = torch.arange(B, device=image_embeds.device) + rank * B  # global index of each local image
     target_img = torch.zeros(B, world * B, K, device=image_embeds.device)
-    target_img[torch.arange(B), own] = 1.0 / K
+    target_img[torch.arange(B, device=image_embeds.device), own] = 1.0 / K
     target_txt = F.one_hot(own.repeat_interleave(K), world * B).float()
     loss_fn = SoftTargetCrossEntropy()
     return 0.5 * (loss_fn(logits_img, target_img.reshape(B, -1)) + loss_fn(logits_txt, target_txt))
@@ -75,6 +92,7 @@ def hrs_mask(sim: torch.Tensor, threshold: float, pair_score: Literal['column0',
     return score > threshold
 
 
+@float32
 def prototype_contrastive_loss(groups: torch.Tensor, protos: torch.Tensor, log_scale: torch.Tensor,
                                threshold: float = 0.1,
                                pair_score: Literal['column0', 'diagonal'] = 'diagonal') -> torch.Tensor:

@@ -29,7 +29,7 @@ from .config import ConfigError, TrainConfig, config_to_yaml, load_config
 from .data.text import CaptionTokenizer
 from .data.transforms import TrainTransform
 from .data.webdataset import StreamPosition, TrainStream, build_train_loader, expand_source
-from .distributed import get_rank, get_world_size, is_main_process
+from .distributed import broadcast_flag, get_rank, get_world_size, is_main_process
 from .engine import RunState, capture_rng, restore_rng, train_step
 from .eval.visualize import group_map_grid
 from .metrics import MetricsLogger
@@ -117,11 +117,7 @@ def _stop_requested(state: RunState, cfg: TrainConfig, start: float, total_steps
     stop = state.step >= total_steps or (cfg.train.max_steps is not None and state.step >= cfg.train.max_steps)
     if cfg.train.time_limit_minutes is not None and time.time() - start > 60 * cfg.train.time_limit_minutes:
         stop = True
-    if get_world_size() > 1:
-        flag = torch.tensor([int(stop)])
-        dist.broadcast(flag, src=0)
-        stop = bool(flag.item())
-    return stop
+    return broadcast_flag(stop)
 
 
 def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:

@@ -34,7 +34,10 @@ def _official_config(cfg) -> dict:
                         'num_output_groups': img.num_output_groups, 'drop_rate': 0.0, 'drop_path_rate': 0.1},
         'text_encoder': {'type': 'TextTransformer', 'context_length': cfg.text.context_length,
                          'width': cfg.text.width, 'layers': cfg.text.layers, 'vocab_size': cfg.text.vocab_size},
-        'contrast_temperature': 0.07, 'proj_num_layers': 2, 'output_dim': cfg.output_dim, 'multi_label': 0}}
+        'contrast_temperature': 0.07, 'proj_num_layers': 2, 'output_dim': cfg.output_dim,
+        # the released configs pickle interpolations unresolved; a resolver must never be evaluated
+        'multi_label': '${data.text_aug.multi_label}', 'proj_hidden_note': '${oc.env:HOME}'},
+        'data': {'text_aug': {'multi_label': 0}}}
 
 
 def _write_official(path, model, with_config=True):
@@ -107,8 +110,10 @@ def test_official_file_loads_and_computes_the_same(tmp_path, arch):
     assert loaded.cfg.arch == arch and not loaded.training
     for a, b in zip(_outputs(model), _outputs(loaded)):
         torch.testing.assert_close(a, b)
-    meta = read_official_checkpoint(tmp_path / 'official.pth').meta
-    assert meta['epoch'] == 29
+    official = read_official_checkpoint(tmp_path / 'official.pth')
+    assert official.meta['epoch'] == 29
+    assert official.config['model']['multi_label'] == 0  # ${data.text_aug.multi_label} resolved
+    assert official.config['model']['proj_hidden_note'] is None  # ${oc.env:...} not evaluated
 
 
 def test_official_file_without_config_is_inferred(tmp_path):

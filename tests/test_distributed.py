@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from pgseg.distributed import all_gather_with_grad, all_reduce_mean, get_rank, get_world_size
 from pgseg.losses import contrastive_loss, multi_label_contrastive_loss
+from pgseg.models.npr import momentum_step
 
 WORLD, B, K, D = 2, 3, 2, 6
 
@@ -23,8 +24,8 @@ def _full_batch():
 def _single_process_reference():
     img, txt, prompts = (t.clone().requires_grad_() for t in _full_batch())
     scale = torch.tensor(math.log(7.0))
-    (contrastive_loss(img, txt, scale) + multi_label_contrastive_loss(img, prompts, scale)).backward()
     loss = contrastive_loss(img, txt, scale) + multi_label_contrastive_loss(img, prompts, scale)
+    loss.backward()
     return float(loss.detach()), img.grad, txt.grad, prompts.grad
 
 
@@ -46,6 +47,10 @@ def _worker(rank: int, init_file: str, expected):
         torch.testing.assert_close(prompts.grad / WORLD, g_prompts[rows], atol=1e-6, rtol=1e-5)
         gathered = all_gather_with_grad(torch.full((2,), float(rank)))
         assert gathered.tolist() == [0.0, 0.0, 1.0, 1.0]
+        # prototype momentum follows the mean over the *global* batch: every rank ends with the same buffer
+        buffer = torch.ones(1, 2, 3)
+        momentum_step(buffer, torch.full((2, 2, 3), float(rank + 1)), momentum=0.5, norm_dim=None)
+        torch.testing.assert_close(buffer, torch.full((1, 2, 3), 0.5 + 0.5 * 1.5))
     finally:
         dist.destroy_process_group()
 

@@ -74,6 +74,7 @@ def test_prototype_loss_by_hand_both_variants():
 
 def test_prototype_loss_with_nothing_kept_is_zero_not_nan():
     groups = torch.randn(1, 3, 4)
-    protos = groups[:, [1, 2, 0]]  # every matched pair is the worst of its column
+    # each prototype's best group is another row, so no diagonal entry is the maximum of its column
+    protos = groups[:, [1, 2, 0]]
     loss = prototype_contrastive_loss(groups, protos, torch.tensor(0.0), threshold=0.999, pair_score='diagonal')
     assert float(loss) == 0.0

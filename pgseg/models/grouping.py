@@ -93,15 +93,15 @@ class AssignAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.hard, self.gumbel, self.gumbel_tau, self.assign_eps = hard, gumbel, gumbel_tau, assign_eps
 
-    def forward(self, groups: torch.Tensor, x: torch.Tensor):
+    def forward(self, groups: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """groups: [B, S, C], x: [B, N, C] -> (out [B, S, C], assignment [B, S, N], soft map [B, S, N]).
 
         The soft map is the noise-free softmax over groups, what inference reads; no gradient is needed from it.
         """
         logits = (self.q_proj(groups) @ self.k_proj(x).transpose(1, 2)) * self.scale  # [B, S, N]
-        soft = logits.softmax(dim=1)
-        if self.training and self.gumbel:
-            noisy = ((logits + gumbel_noise(logits)) / self.gumbel_tau).softmax(dim=1)
+        soft = logits.float().softmax(dim=1)
+        if self.training and self.gumbel:  # noise in float32: bf16 would truncate the Gumbel tail
+            noisy = ((logits.float() + gumbel_noise(logits.float())) / self.gumbel_tau).softmax(dim=1)
         else:
             noisy = soft
         attn = straight_through_hard(noisy, dim=1) if self.hard else noisy
@@ -127,7 +127,7 @@ class GroupingBlock(nn.Module):
         super().__init__()
         tokens_dim, channels_dim = int(mlp_ratio[0] * dim), int(mlp_ratio[1] * dim)
         self.norm_tokens = nn.LayerNorm(dim)
-        self.mlp_inter = Mlp(num_group_tokens, tokens_dim, num_output_groups)
+        self.mlp_inter = TokenMlp(num_group_tokens, tokens_dim, num_output_groups)
         self.norm_post_tokens = nn.LayerNorm(dim)
         self.norm_x = nn.LayerNorm(dim)
         self.pre_assign_attn = PreAssignBlock(dim, num_heads, mlp_ratio=4.0, qkv_bias=True)
@@ -142,8 +142,7 @@ class GroupingBlock(nn.Module):
         """x: [B, N, C] image tokens, group_tokens: [B, S1, C] -> ([B, S2, out_dim], GroupingOutput)."""
         group_tokens = self.norm_tokens(group_tokens)
         x = self.norm_x(x)
-        # token MLP along the group axis: [B, S1, C] -> [B, S2, C]
-        queries = self.norm_post_tokens(self.mlp_inter(group_tokens.transpose(1, 2)).transpose(1, 2))
+        queries = self.norm_post_tokens(self.mlp_inter(group_tokens))  # [B, S1, C] -> [B, S2, C]
         queries = self.pre_assign_attn(queries, x)
         out, assignment, soft = self.assign(queries, x)
         out = out + queries

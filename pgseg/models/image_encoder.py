@@ -151,6 +151,9 @@ class GroupViTImageEncoder(nn.Module):
                                            gumbel=cfg.hard_assignment and cfg.gumbel, gumbel_tau=cfg.gumbel_tau,
                                            assign_eps=cfg.assign_eps)
                 if with_npr:
+                    if dims[i + 1] != dim:  # the reconstruction is added to the stage's tokens
+                        raise ValueError(f'image encoder: PGSeg needs equal widths around grouping stage {i} '
+                                         f'(embed_factors {cfg.embed_factors})')
                     prototypes = ImagePrototypes(dim, dims[i + 1], cfg.num_output_groups[i], num_iters=npr_iters,
                                                  momentum=npr_momentum, hidden_dim=npr_hidden_dim)
             if i > 0 and cfg.num_group_tokens[i] > 0:

@@ -34,6 +34,9 @@ def _pool() -> ThreadPoolExecutor:
 def hungarian_indices(sim: np.ndarray, maximize: bool) -> np.ndarray:
     """sim: [B, G, G] -> column index matched to each row, [B, G] int64 (exact, per problem)."""
     start = time.perf_counter()
+    # a non-finite similarity (a diverging step) must not raise on one rank only: the loss turns non-finite instead,
+    # and the trainer skips the step on every rank
+    sim = np.nan_to_num(sim, nan=0.0, posinf=1.0, neginf=-1.0)
     out = np.empty(sim.shape[:2], dtype=np.int64)
     for b in range(sim.shape[0]):
         rows, cols = linear_sum_assignment(sim[b], maximize=maximize)
@@ -65,10 +68,12 @@ def match_async(sim: torch.Tensor, maximize: bool) -> MatchHandle:
     if sim.device.type == 'cuda':
         host = torch.empty(sim.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(sim, non_blocking=True)
-        ready = torch.cuda.Event()
+        ready = torch.cuda.Event(blocking=True)  # the worker sleeps instead of spinning
         ready.record()
+        device = sim.device
 
         def solve() -> np.ndarray:
+            torch.cuda.set_device(device)  # no stray context on GPU 0 from this thread
             ready.synchronize()  # waits in the worker, not in the main thread
             return hungarian_indices(host.numpy(), maximize)
     else:

@@ -55,6 +55,10 @@ class GroupSegModel(nn.Module):
         self.img_projector = ProjectionMLP(self.img_encoder.width, cfg.output_dim, cfg.proj_hidden_dim,
                                            cfg.proj_num_layers)
         self.text_projector = ProjectionMLP(cfg.text.width, cfg.output_dim, cfg.proj_hidden_dim, cfg.proj_num_layers)
+        num_grouping = len(cfg.image.num_output_groups)
+        if npr.stage_weights is not None and len(npr.stage_weights) != num_grouping:
+            raise ConfigError(f'model.npr.stage_weights has {len(npr.stage_weights)} entries; the image encoder has '
+                              f'{num_grouping} grouping stages')
         if cfg.multi_label > 0 and not cfg.share_temperature:
             self.multi_label_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.contrast_temperature)))
 
@@ -100,6 +104,7 @@ class GroupSegModel(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, images: torch.Tensor, tokens: torch.Tensor,
                 npr_variant: NPRVariant | None = None) -> dict[str, torch.Tensor]:
+        """The training losses (so that DDP wraps them): images [B, 3, H, W], tokens [B, L] or [B, 1+K, L]."""
         return self.compute_losses(images, tokens, npr_variant=npr_variant)
 
     def compute_losses(self, images: torch.Tensor, tokens: torch.Tensor,
@@ -124,12 +129,19 @@ class GroupSegModel(nn.Module):
             for stage in feats.stages:  # start the image matchings now; they finish while the text tower runs
                 matches.append(match_async(_cosine(stage.grouping.group_queries, stage.prototypes),
                                            maximize=variant == 'paper'))
-        pooled, token_feats = self.text_encoder.encode(tokens)
-        text_embeds = self.text_projector(pooled)
+        if prompts is None:
+            pooled, token_feats = self.text_encoder.encode(tokens)
+            text_embeds = self.text_projector(pooled)
+        else:  # caption and prompts in one pass, one BatchNorm batch, as the official code
+            all_tokens = torch.cat([tokens.unsqueeze(1), prompts], dim=1)  # [B, 1+K, L]
+            pooled, token_feats = self.text_encoder.encode(all_tokens.flatten(0, 1))
+            embeds = self.text_projector(pooled).reshape(*all_tokens.shape[:2], -1)  # [B, 1+K, D]
+            text_embeds, prompt_embeds = embeds[:, 0], embeds[:, 1:]
+            pooled = pooled.reshape(*all_tokens.shape[:2], -1)[:, 0]
+            token_feats = token_feats.reshape(*all_tokens.shape, -1)[:, 0]
         losses = {'itc': contrastive_loss(image_embeds, text_embeds, self.logit_scale)}
         total = losses['itc']
         if prompts is not None:
-            prompt_embeds = self.encode_text(prompts.flatten(0, 1)).reshape(*prompts.shape[:2], -1)
             scale = getattr(self, 'multi_label_logit_scale', self.logit_scale)
             losses['multi_label'] = multi_label_contrastive_loss(image_embeds, prompt_embeds, scale)
             total = total + self.cfg.multi_label_loss_weight * losses['multi_label']
@@ -154,21 +166,19 @@ class GroupSegModel(nn.Module):
         log_scale = self.img_encoder.logit_scale
         out: dict[str, torch.Tensor] = {}
         image_terms = []
-        last_queries = feats.stages[-1].grouping.group_queries  # [B, G, C]
         # text term: its matching starts before the image matchings are joined
         if variant == 'reference':
             text_mu = self.text_encoder.Atten(pooled)  # [B, K, 1]
-            group_side = last_queries.mean(dim=-1, keepdim=True)  # [B, G, 1]: the release's channel mean
+            # the release's channel mean of the last stage's pre-assign group tokens: [B, G, 1]
+            group_side = feats.stages[-1].grouping.group_queries.mean(dim=-1, keepdim=True)
             text_side = text_mu
         else:
             protos, em_mu = self.text_encoder.token_prototypes(token_feats, valid_token_mask(tokens))
             with frozen_bn_statistics(self.img_projector), frozen_bn_statistics(self.text_projector):
-                group_side = self.img_projector(last_queries)  # [B, G, D]
+                group_side = self.img_projector(feats.tokens)  # [B, G, D]: the final groups inference classifies
                 text_side = self.text_projector(protos)  # [B, K, D]
         text_match = match_async(_cosine(group_side, text_side), maximize=variant == 'paper')
         weights = npr.stage_weights if (variant == 'paper' and npr.stage_weights) else [1.0] * len(feats.stages)
-        if len(weights) != len(feats.stages):
-            raise ConfigError(f'model.npr.stage_weights has {len(weights)} entries for {len(feats.stages)} stages')
         for k, (stage, handle) in enumerate(zip(feats.stages, matches)):
             matched = _gather_rows(stage.prototypes, handle.indices())
             term = prototype_contrastive_loss(stage.grouping.group_queries, matched, log_scale,
@@ -194,7 +204,7 @@ class GroupSegModel(nn.Module):
         names = {'logit_scale', 'multi_label_logit_scale'}
         names |= {f'img_encoder.{n}' for n in self.img_encoder.no_weight_decay()}
         names |= {f'text_encoder.{n}' for n in self.text_encoder.no_weight_decay()}
-        return {n for n in names if n in dict(self.named_parameters())}
+        return names & {n for n, _ in self.named_parameters()}
 
     def convert_sync_batchnorm(self) -> GroupSegModel:
         """Synchronise the projection heads' BatchNorm across ranks (GPUs only; the NPR heads stay per-rank)."""
@@ -209,7 +219,7 @@ class GroupSegModel(nn.Module):
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[B, G, C] x [B, G', C] -> [B, G, G'] cosine similarity (no gradient needed: it only feeds the matching)."""
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device_type=a.device.type, enabled=False):
         return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(1, 2)
 
 

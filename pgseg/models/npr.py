@@ -88,7 +88,8 @@ class ImagePrototypes(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, L, C] -> (prototypes [B, G, C] without gradient, reconstruction residual [B, L, C])."""
         mu, z = em_prototypes(x, self.mu, self.num_iters, norm_dim=2)
-        recon = (z @ mu).to(x.dtype)  # [B, L, C], constant w.r.t. the network
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            recon = (z @ mu).to(x.dtype)  # [B, L, C], constant w.r.t. the network
         return mu, self.mapping_x(recon)
 
     def momentum_update(self, batch_prototypes: torch.Tensor) -> None:

@@ -56,5 +56,7 @@ class TextEncoder(TextTransformer):
 
 
 def valid_token_mask(text: torch.Tensor) -> torch.Tensor:
-    """[B, L] True for the tokens a caption really has, without padding (id 0) and without SOT."""
-    return (text != 0) & (text != SOT_TOKEN)
+    """[B, L] True for the tokens a caption really has: after SOT, up to and including EOT (the largest id).
+    Padding is found by position, since id 0 is also a real token ('!')."""
+    positions = torch.arange(text.shape[1], device=text.device)
+    return (positions <= text.argmax(dim=-1, keepdim=True)) & (positions > 0)
