@@ -9,13 +9,16 @@ Public API::
     cls = model.class_embeddings(["cat", "dog"])   # [K, D], normalised
     logits = pgseg.slide_logits(model, image, cls, bg_thresh=0.95)
     losses = model.compute_losses(images, tokens)  # {"itc", "npr", ..., "loss"}
+    seg = pgseg.Segmenter(model, classes=["cat", "dog"], bg_thresh=0.9)   # PIL / path in, labels out
 """
 from .checkpoint import load_model, save_checkpoint
 from .config import ConfigError, ModelConfig, TrainConfig, load_config, load_model_config
 from .data.text import tokenize
 from .eval.inference import slide_logits
 from .models.model import GroupSegModel, ImageOutput, build_model
+from .segment import Segmenter
 
 __version__ = '0.1.0'
 __all__ = ['load_model', 'save_checkpoint', 'build_model', 'tokenize', 'slide_logits', 'load_config',
-           'load_model_config', 'ConfigError', 'ModelConfig', 'TrainConfig', 'GroupSegModel', 'ImageOutput']
+           'load_model_config', 'ConfigError', 'ModelConfig', 'TrainConfig', 'GroupSegModel', 'ImageOutput',
+           'Segmenter']

@@ -1,11 +1,28 @@
 """Everything that touches ``torch.distributed``. Each helper answers for a single process when no group exists."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
-__all__ = ['is_distributed', 'get_rank', 'get_world_size', 'is_main_process', 'all_gather_with_grad',
-           'broadcast_flag', 'all_ranks_true', 'all_reduce_mean', 'barrier']
+__all__ = ['init_distributed', 'is_distributed', 'get_rank', 'get_world_size', 'is_main_process',
+           'all_gather_with_grad', 'broadcast_flag', 'all_ranks_true', 'all_reduce_mean', 'barrier']
+
+
+def init_distributed() -> tuple[torch.device, int]:
+    """Start the process group when launched by torchrun; returns (device, local rank)."""
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
+        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        return torch.device('cuda', local_rank), local_rank
+    local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscription of CPU cores
+    return torch.device('cpu'), local_rank
 
 
 def is_distributed() -> bool:

@@ -29,7 +29,7 @@ from .config import ConfigError, TrainConfig, config_to_yaml, load_config
 from .data.text import CaptionTokenizer
 from .data.transforms import TrainTransform
 from .data.webdataset import StreamPosition, TrainStream, build_train_loader, expand_source
-from .distributed import broadcast_flag, get_rank, get_world_size, is_main_process
+from .distributed import broadcast_flag, get_rank, get_world_size, init_distributed, is_main_process
 from .engine import RunState, capture_rng, restore_rng, train_step
 from .eval.visualize import group_map_grid
 from .metrics import MetricsLogger
@@ -38,21 +38,6 @@ from .optim import build_optimizer, build_scheduler, scaled_lrs
 from .prompts import get_templates
 
 log = logging.getLogger('pgseg.train')
-
-
-def init_distributed() -> tuple[torch.device, int]:
-    """Start the process group when launched by torchrun; returns (device, local rank)."""
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
-        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        return torch.device('cuda', local_rank), local_rank
-    local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscription of CPU cores
-    return torch.device('cpu'), local_rank
 
 
 def environment_info(world: int) -> dict:

@@ -101,8 +101,9 @@ def mode_model(args) -> dict:
     print(head)
     print('-' * len(head))
     for r in results:
-        print(f"{r['precision']:<10}{r['step_s_median']:>9.3f}{r['forward_s_median']:>9.3f}{r['images_per_s']:>8.2f}"
-              f"{100 * r['match_solve_share']:>12.2f}%{100 * r['match_wait_share']:>11.2f}%{r['peak_memory_mb']:>10.0f}")
+        print(f"{r['precision']:<10}{r['step_s_median']:>9.3f}{r['forward_s_median']:>9.3f}"
+              f"{r['images_per_s']:>8.2f}{100 * r['match_solve_share']:>12.2f}%"
+              f"{100 * r['match_wait_share']:>11.2f}%{r['peak_memory_mb']:>10.0f}")
     if len(results) == 2:
         print(f"\nbf16 / fp32 speed-up: {results[0]['step_s_median'] / results[1]['step_s_median']:.2f}x")
     return {'mode': 'model', 'machine': platform.machine(), 'cpu_count': os.cpu_count(), 'results': results}

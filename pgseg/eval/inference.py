@@ -2,12 +2,14 @@
 (``reference-spec.md`` §6.3-6.4), with one encoder pass per crop and the windows batched."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..losses import clamp_logit_scale
 
-__all__ = ['window_slices', 'group_class_affinity', 'crop_logits', 'slide_logits']
+__all__ = ['window_slices', 'group_class_affinity', 'crop_logits', 'slide_logits', 'preprocess_image',
+           'predict_labels', 'pamr']
 
 
 def window_slices(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
@@ -41,12 +43,12 @@ def group_class_affinity(group_embeds: torch.Tensor, image_embeds: torch.Tensor,
 
 @torch.no_grad()
 def crop_logits(model, crops: torch.Tensor, class_embeds: torch.Tensor, bg_thresh: float = 0.95,
-                with_background: bool = True) -> torch.Tensor:
+                with_background: bool = True, bg_constant: bool = False) -> torch.Tensor:
     """Scores of same-sized crops [B, 3, h, w] -> [B, (1 +) K, h, w], one encoder pass.
 
     Each pixel takes the final group that wins its bilinearly upsampled soft assignment (composed over stages) and
     that group's class affinities. Background (channel 0) is 1 where the best class score is below
-    min(bg_thresh, max affinity of the crop), else 0.
+    min(bg_thresh, max affinity of the crop), else 0; with ``bg_constant`` it is the constant ``bg_thresh``.
     """
     out = model.encode_image(crops)
     B, _, h, w = crops.shape
@@ -59,6 +61,8 @@ def crop_logits(model, crops: torch.Tensor, class_embeds: torch.Tensor, bg_thres
     fg = torch.gather(affinity.transpose(1, 2), 2, winner.reshape(B, 1, -1).expand(-1, K, -1)).reshape(B, K, h, w)
     if not with_background:
         return fg
+    if bg_constant:
+        return torch.cat([torch.full_like(fg[:, :1], bg_thresh), fg], dim=1)
     thresh = affinity.flatten(1).amax(dim=1).clamp(max=bg_thresh)  # [B]
     bg = (fg.amax(dim=1) < thresh.view(B, 1, 1)).to(fg.dtype)
     return torch.cat([bg.unsqueeze(1), fg], dim=1)
@@ -67,7 +71,7 @@ def crop_logits(model, crops: torch.Tensor, class_embeds: torch.Tensor, bg_thres
 @torch.no_grad()
 def slide_logits(model, image: torch.Tensor, class_embeds: torch.Tensor, bg_thresh: float = 0.95,
                  with_background: bool = True, crop_size: int = 448, stride: int = 224,
-                 crops_per_batch: int = 8) -> torch.Tensor:
+                 crops_per_batch: int = 8, bg_constant: bool = False) -> torch.Tensor:
     """Sliding-window scores of normalised images [B, 3, H, W] -> [B, (1 +) K, H, W] (before any rescale).
 
     Windows of ``crop_size`` with ``stride`` as mmseg's slide inference; each window's scores are summed into place
@@ -87,7 +91,76 @@ def slide_logits(model, image: torch.Tensor, class_embeds: torch.Tensor, bg_thre
         for i in range(0, len(windows), crops_per_batch):
             chunk = windows[i:i + crops_per_batch]
             crops = torch.stack([image[b, :, y0:y1, x0:x1] for (y0, y1), (x0, x1) in chunk])
-            scores = crop_logits(model, crops, class_embeds, bg_thresh, with_background).float()
+            scores = crop_logits(model, crops, class_embeds, bg_thresh, with_background, bg_constant).float()
             for s, ((y0, y1), (x0, x1)) in zip(scores, chunk):
                 preds[b, :, y0:y1, x0:x1] += s
     return preds / count
+
+
+MMSEG_MEAN = (123.675, 116.28, 103.53)
+MMSEG_STD = (58.395, 57.12, 57.375)
+
+
+def preprocess_image(image, short_side: int = 448, long_side: int = 2048) -> torch.Tensor:
+    """RGB PIL image or uint8 [H, W, 3] -> normalised [1, 3, h, w], resized as mmcv's ``imrescale``: scale =
+    min(long_side / long edge, short_side / short edge), sizes rounded, bilinear without antialiasing, back to uint8."""
+    arr = np.asarray(image.convert('RGB') if hasattr(image, 'convert') else image)
+    h, w = arr.shape[:2]
+    scale = min(long_side / max(h, w), short_side / min(h, w))
+    size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    x = torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].float()
+    if size != (h, w):
+        x = F.interpolate(x, size=size, mode='bilinear', align_corners=False).round().clamp(0, 255)
+    mean = torch.tensor(MMSEG_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(MMSEG_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def predict_labels(model, image, class_embeds: torch.Tensor, bg_thresh: float | None, with_background: bool,
+                   protocol, device: torch.device | str = 'cpu', autocast_dtype: torch.dtype | None = None,
+                   bg_constant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image -> (labels [H, W] at the original size, scores [C, H, W] at the original size).
+
+    Resize (protocol.short_side), sliding windows, bilinear resize of the averaged scores to the original size,
+    optional PAMR, argmax (the official softmax before the argmax changes nothing).
+    """
+    arr = np.asarray(image.convert('RGB') if hasattr(image, 'convert') else image)
+    x = preprocess_image(arr, protocol.short_side, protocol.long_side).to(device)
+    with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        logits = slide_logits(model, x, class_embeds, bg_thresh=bg_thresh if bg_thresh is not None else 0.0,
+                              with_background=with_background, crop_size=protocol.crop_size,
+                              stride=protocol.stride, bg_constant=bg_constant)
+    logits = F.interpolate(logits.float(), size=arr.shape[:2], mode='bilinear', align_corners=False)
+    if protocol.pamr:
+        rgb = torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].float().to(logits.device)
+        logits = pamr(rgb, logits)
+    return logits[0].argmax(dim=0), logits[0]
+
+
+@torch.no_grad()
+def pamr(image: torch.Tensor, masks: torch.Tensor, dilations=(1, 2, 4, 8, 12, 24), num_iters: int = 10) -> torch.Tensor:
+    """Pixel-adaptive mask refinement (Araslanov & Roth, 2020): masks are repeatedly averaged over the 8
+    neighbours at several dilations, weighted by a softmax of the neighbours' colour similarity.
+    image: [1, 3, H, W] (any scale), masks: [1, C, H, W] -> refined masks [1, C, H, W]."""
+    def neighbours(x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, K, H, W]
+        H, W = x.shape[-2:]
+        out = []
+        for d in dilations:
+            padded = F.pad(x, (d, d, d, d), mode='replicate')
+            for dy in (-d, 0, d):
+                for dx in (-d, 0, d):
+                    if dy or dx:
+                        out.append(padded[..., d + dy:d + dy + H, d + dx:d + dx + W])
+        return torch.stack(out, dim=2)
+
+    img = image.float()
+    near = neighbours(img)  # [1, 3, K, H, W]
+    std = near.std(dim=2, keepdim=True)
+    affinity = -(near - img.unsqueeze(2)).abs() / (1e-8 + 0.1 * std)
+    weights = affinity.mean(dim=1, keepdim=True).softmax(dim=2)  # [1, 1, K, H, W]
+    out = masks.float()
+    for _ in range(num_iters):
+        out = (neighbours(out) * weights).sum(dim=2)
+    return out

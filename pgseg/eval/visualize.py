@@ -15,11 +15,20 @@ __all__ = ['denormalize', 'group_palette', 'group_map_grid']
 
 
 def denormalize(images: torch.Tensor) -> np.ndarray:
-    """Normalised [B, 3, H, W] -> uint8 [B, H, W, 3]."""
+    """Normalised [B, 3, H, W] -> uint8 [B, H, W, 3]. (ImageNet statistics on [0, 1] and mmseg's on [0, 255] give the
+    same normalised values.)"""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     x = (images.float() * std + mean).clamp(0, 1)
     return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def label_image(label: np.ndarray, num_classes: int) -> Image.Image:
+    """Class indices [H, W] -> RGB with the VOC palette; 255 (ignore) in white."""
+    from ..data.synthetic_writers import voc_palette
+    palette = np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3).copy()
+    palette[255] = 255
+    return Image.fromarray(palette[np.asarray(label).astype(np.uint8)])
 
 
 def group_palette(n: int, seed: int = 3) -> np.ndarray:

@@ -1,0 +1,121 @@
+"""Dataset preparation: COCO-Object label maps, Cityscapes train ids, and image counts against the official ones."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .datasets import DATASETS, OFFICIAL_COUNTS, LayoutError, SegmentationDataset
+
+__all__ = ['coco_stuff_to_object_lut', 'convert_coco_object_from_stuff', 'convert_coco_object_from_instances',
+           'CITYSCAPES_ID_TO_TRAIN_ID', 'convert_cityscapes', 'count_images']
+
+# COCO-Stuff-164k ids (0-based, 0-181) that no annotation uses.
+_UNUSED_STUFF_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+
+
+def coco_stuff_to_object_lut() -> np.ndarray:
+    """[256] uint8 lookup: COCO-Stuff id -> COCO-Object label (things 1..80, stuff and unlabeled 0), as the official
+    converter: used ids -> contiguous train ids 0..170, +1, and every source id above 90 (stuff, 255) -> 0."""
+    used = [i for i in range(182) if i not in _UNUSED_STUFF_IDS]
+    lut = np.zeros(256, dtype=np.uint8)
+    for train_id, source in enumerate(used):
+        lut[source] = 0 if source > 90 else train_id + 1
+    return lut
+
+
+def convert_coco_object_from_stuff(coco_root: str, out_root: str, splits=('val2017',)) -> int:
+    """``<coco_root>/annotations/<split>/*.png`` (COCO-Stuff-164k) -> ``<out_root>/annotations/<split>/
+    <name>_instanceTrainIds.png``; images copied from ``<coco_root>/images/<split>``. Returns files written."""
+    lut, n = coco_stuff_to_object_lut(), 0
+    for split in splits:
+        src = os.path.join(coco_root, 'annotations', split)
+        if not os.path.isdir(src):
+            raise LayoutError(f'{src} not found: expected the COCO-Stuff-164k label PNGs in annotations/{split}/')
+        dst = os.path.join(out_root, 'annotations', split)
+        os.makedirs(dst, exist_ok=True)
+        for name in tqdm(sorted(f for f in os.listdir(src) if f.endswith('.png')), desc=f'coco-object {split}'):
+            Image.fromarray(lut[np.asarray(Image.open(os.path.join(src, name)))]).save(
+                os.path.join(dst, name.replace('.png', '_instanceTrainIds.png')))
+            n += 1
+        _copy_images(os.path.join(coco_root, 'images', split), os.path.join(out_root, 'images', split))
+    return n
+
+
+def convert_coco_object_from_instances(annotation_json: str, images_dir: str, out_root: str, split: str) -> int:
+    """COCO instance annotations (pycocotools) -> the same label maps: every instance mask painted with its category's
+    index in the 80-class list (1..80), later (larger) instances first so smaller ones stay visible; 0 elsewhere."""
+    try:
+        from pycocotools.coco import COCO
+    except ImportError as exc:
+        raise ImportError('converting from instance annotations needs pycocotools: pip install pycocotools') from exc
+    coco = COCO(annotation_json)
+    cat_ids = sorted(coco.getCatIds())
+    index = {c: i + 1 for i, c in enumerate(cat_ids)}
+    dst = os.path.join(out_root, 'annotations', split)
+    os.makedirs(dst, exist_ok=True)
+    n = 0
+    for img_id in tqdm(sorted(coco.getImgIds()), desc=f'coco-object {split}'):
+        info = coco.loadImgs(img_id)[0]
+        label = np.zeros((info['height'], info['width']), dtype=np.uint8)
+        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=None)), key=lambda a: -a['area'])
+        for ann in anns:
+            label[coco.annToMask(ann) > 0] = index[ann['category_id']]
+        Image.fromarray(label).save(os.path.join(dst, os.path.splitext(info['file_name'])[0] +
+                                                 '_instanceTrainIds.png'))
+        n += 1
+    _copy_images(images_dir, os.path.join(out_root, 'images', split))
+    return n
+
+
+def _copy_images(src: str, dst: str) -> None:
+    if os.path.abspath(src) == os.path.abspath(dst) or not os.path.isdir(src):
+        return
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if not os.path.exists(os.path.join(dst, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+# Cityscapes labelIds -> trainIds (19 classes, 255 ignore), from the dataset's own label definitions.
+CITYSCAPES_ID_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+                             25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+
+def convert_cityscapes(root: str, splits=('val',)) -> int:
+    """``gtFine/<split>/<city>/*_gtFine_labelIds.png`` -> ``*_gtFine_labelTrainIds.png`` beside them."""
+    lut = np.full(256, 255, dtype=np.uint8)
+    for k, v in CITYSCAPES_ID_TO_TRAIN_ID.items():
+        lut[k] = v
+    n = 0
+    for split in splits:
+        base = os.path.join(root, 'gtFine', split)
+        if not os.path.isdir(base):
+            raise LayoutError(f'{base} not found: expected cityscapes/gtFine/{split}/<city>/*_gtFine_labelIds.png')
+        for folder, _, files in os.walk(base):
+            for f in sorted(files):
+                if f.endswith('_gtFine_labelIds.png'):
+                    label = lut[np.asarray(Image.open(os.path.join(folder, f)))]
+                    Image.fromarray(label).save(os.path.join(folder, f.replace('_labelIds', '_labelTrainIds')))
+                    n += 1
+    return n
+
+
+def count_images(data_root: str, datasets=None) -> dict:
+    """Images found per dataset's evaluation split, against the official counts."""
+    report = {}
+    for name in datasets or DATASETS:
+        try:
+            found = len(SegmentationDataset(DATASETS[name], data_root))
+            report[name] = {'found': found, 'official': OFFICIAL_COUNTS[name], 'ok': found == OFFICIAL_COUNTS[name]}
+        except LayoutError as exc:
+            report[name] = {'found': 0, 'official': OFFICIAL_COUNTS[name], 'ok': False, 'error': str(exc)}
+    return report
+
+
+if __name__ == '__main__':
+    print(json.dumps(count_images('data/eval'), indent=1))

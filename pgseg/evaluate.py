@@ -1,0 +1,278 @@
+"""``pgseg-eval``: zero-shot segmentation on VOC / Context / COCO-Object and the 8-benchmark sets, and zero-shot
+ImageNet classification; one process or many (``torchrun``: images split by rank without duplicates, confusion
+matrices summed).
+
+    pgseg-eval --checkpoint X --dataset voc --dataset context --data-root data/eval --protocol pgseg
+    pgseg-eval --checkpoint X --imagenet data/imagenet/val          # an ImageFolder tree, or a shard pattern
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_model
+from .distributed import get_rank, get_world_size, init_distributed, is_main_process
+from .eval.datasets import DATASETS, LayoutError, SegmentationDataset, build_dataset
+from .eval.inference import predict_labels, preprocess_image
+from .eval.metrics import confusion_matrix, format_table, segmentation_metrics
+from .eval.protocols import PROTOCOLS, Protocol, get_protocol
+from .eval.visualize import group_map_grid, label_image
+from .prompts import get_templates
+
+log = logging.getLogger('pgseg.eval')
+
+__all__ = ['evaluate_segmentation', 'evaluate_imagenet', 'build_in_training_evaluator', 'main']
+
+
+def _class_prompts(dataset: SegmentationDataset) -> tuple[list[str], bool]:
+    """Prompt names (without background) and whether the dataset has a background class."""
+    names = list(dataset.classes)
+    with_bg = names[0] == 'background'
+    return (names[1:] if with_bg else names), with_bg
+
+
+@torch.no_grad()
+def evaluate_segmentation(model, dataset: SegmentationDataset, protocol: Protocol, device: torch.device | str = 'cpu',
+                          bg_thresh: float | None = None, autocast_dtype: torch.dtype | None = None,
+                          limit: int | None = None, num_visuals: int = 0, progress: bool = True) -> dict:
+    """Run the protocol over the dataset (this rank's share: images rank, rank + W, ...) and return metrics over
+    all ranks. ``bg_thresh`` overrides the protocol's value for this dataset."""
+    model.eval()
+    prompts, with_bg = _class_prompts(dataset)
+    class_embeds = model.class_embeddings(prompts, templates=get_templates(protocol.templates)).to(device)
+    bg_value, constant = (None, False)
+    if with_bg:
+        bg_value, constant = (bg_thresh, False) if bg_thresh is not None else protocol.background_for(dataset.spec.name)
+    indices = list(range(len(dataset)))[:limit][get_rank()::get_world_size()]
+    conf = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64)
+    visuals = []
+    for i in tqdm(indices, desc=f'{dataset.spec.name} ({protocol.name})', disable=not (progress and is_main_process()),
+                  unit='img', dynamic_ncols=True):
+        image, label, image_id = dataset[i]
+        pred, _ = predict_labels(model, image, class_embeds, bg_value, with_bg, protocol, device, autocast_dtype,
+                                 bg_constant=constant)
+        conf += confusion_matrix(pred.cpu(), label, dataset.num_classes)
+        if len(visuals) < num_visuals:
+            visuals.append((image, pred.cpu().numpy(), label))
+    if get_world_size() > 1:
+        dist.all_reduce(conf)
+    metrics = segmentation_metrics(conf, dataset.classes)
+    metrics.update(dataset=dataset.spec.name, split=dataset.split, num_images=len(dataset.ids[:limit]),
+                   protocol=protocol.describe(), background=bg_value, background_constant=constant)
+    if visuals:
+        metrics['_visuals'] = _visual_grid(model, visuals, dataset.num_classes, protocol, device)
+    return metrics
+
+
+def _visual_grid(model, visuals, num_classes: int, protocol: Protocol, device) -> Image.Image:
+    """Columns: input, prediction, ground truth, final group map; one row per image, at a common height."""
+    rows = []
+    height = 192
+    for image, pred, label in visuals:
+        w = max(1, round(image.width * height / image.height))
+        x = preprocess_image(image, protocol.short_side, protocol.long_side).to(device)
+        out = model.encode_image(x, with_group_embeds=False)
+        groups = group_map_grid(torch.nn.functional.interpolate(x, size=(height, w), mode='bilinear'),
+                                out.group_maps[-1:], out.grid, max_images=1)
+        tiles = [image.convert('RGB').resize((w, height)), label_image(pred, num_classes).resize((w, height)),
+                 label_image(label, num_classes).resize((w, height)), groups.crop((0, height, w, 2 * height))]
+        row = Image.new('RGB', (4 * w, height))
+        for k, tile in enumerate(tiles):
+            row.paste(tile, (k * w, 0))
+        rows.append(row)
+    grid = Image.new('RGB', (max(r.width for r in rows), sum(r.height for r in rows)), 'white')
+    y = 0
+    for r in rows:
+        grid.paste(r, (0, y))
+        y += r.height
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------- ImageNet
+def _imagenet_items(source: str) -> tuple[list, str]:
+    """(items, kind): an ImageFolder tree (class folders sorted = class index), or tar shards with ``cls``."""
+    if os.path.isdir(source):
+        classes = sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d)))
+        if len(classes) != 1000:
+            raise LayoutError(f'{source}: expected 1000 class folders (ImageFolder layout), found {len(classes)}')
+        items = [(os.path.join(source, c, f), k) for k, c in enumerate(classes)
+                 for f in sorted(os.listdir(os.path.join(source, c)))]
+        return items, 'folder'
+    import braceexpand
+    shards = list(braceexpand.braceexpand(source))
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise LayoutError(f'ImageNet source {source!r}: {missing[0]} not found (a folder or a shard pattern)')
+    return shards, 'shards'
+
+
+def _imagenet_samples(items, kind: str):
+    """This rank's (PIL image, class) pairs: files or whole shards strided by rank, so each image is seen once."""
+    mine = items[get_rank()::get_world_size()]
+    if kind == 'folder':
+        for path, k in mine:
+            yield Image.open(path).convert('RGB'), k
+        return
+    import io
+
+    from webdataset.tariterators import tarfile_samples
+    for sample in tarfile_samples({'url': u} for u in mine):
+        key = next(k for k in ('jpg', 'jpeg', 'png', 'webp') if k in sample)
+        yield Image.open(io.BytesIO(sample[key])).convert('RGB'), int(sample['cls'])
+
+
+@torch.no_grad()
+def evaluate_imagenet(model, source: str, device='cpu', batch_size: int = 64, templates: str = 'subset',
+                      limit: int | None = None, progress: bool = True) -> dict:
+    """Zero-shot top-1 / top-5 over every image exactly once: Resize 256, CenterCrop 224, ImageNet normalisation;
+    the classifier is the 1000 CLIP class names x ``templates`` (the official 'subset' of 7)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    from torchvision import transforms as T
+
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    model.eval()
+    items, kind = _imagenet_items(source)
+    if limit:
+        items = items[:limit]
+    tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    classifier = model.class_embeddings(list(IMAGENET_CLASSNAMES), get_templates(templates)).to(device)
+    counts = torch.zeros(3, dtype=torch.int64)  # images, top-1 hits, top-5 hits
+    batch, labels = [], []
+
+    def flush():
+        if not batch:
+            return
+        emb = torch.nn.functional.normalize(model.encode_image(torch.stack(batch).to(device),
+                                                               with_group_embeds=False).image_embeds.float(), dim=-1)
+        top5 = (emb @ classifier.t()).topk(5, dim=-1).indices.cpu()
+        y = torch.tensor(labels)
+        counts[0] += len(y)
+        counts[1] += (top5[:, 0] == y).sum()
+        counts[2] += (top5 == y[:, None]).any(dim=1).sum()
+        batch.clear()
+        labels.clear()
+    for image, k in tqdm(_imagenet_samples(items, kind), disable=not (progress and is_main_process()), unit='img',
+                         desc='imagenet'):
+        batch.append(tf(image))
+        labels.append(k)
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    if get_world_size() > 1:
+        dist.all_reduce(counts)
+    n = int(counts[0])
+    return {'dataset': 'imagenet', 'num_images': n, 'top1': 100 * float(counts[1]) / max(n, 1),
+            'top5': 100 * float(counts[2]) / max(n, 1), 'templates': templates}
+
+
+# ---------------------------------------------------------------------------------------------- trainer hook
+def build_in_training_evaluator(datasets: list[str], data_root: str, protocol: str, device, limit: int | None = None,
+                                bg_thresh: float | None = None):
+    """The trainer's ``eval_hook``: mean mIoU over ``datasets`` as ``score``, plus each dataset's mIoU."""
+    readers = [build_dataset(name, data_root) for name in datasets]
+    proto = get_protocol(protocol)
+
+    def hook(model, step: int) -> dict:
+        out = {}
+        for ds in readers:
+            m = evaluate_segmentation(model, ds, proto, device, bg_thresh=bg_thresh, limit=limit, progress=False)
+            out[f'{ds.spec.name}/miou'] = m['miou']
+        out['score'] = float(np.mean([out[f'{ds.spec.name}/miou'] for ds in readers]))
+        return out
+    return hook
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='pgseg-eval', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--checkpoint', required=True, help='pgseg checkpoint directory or official .pth')
+    parser.add_argument('--dataset', action='append', default=[], choices=list(DATASETS),
+                        help='dataset to evaluate (repeat for several)')
+    parser.add_argument('--data-root', default=os.environ.get('PGSEG_EVAL_DATA', 'data/eval'),
+                        help='folder holding VOCdevkit/, coco/, ... (default: $PGSEG_EVAL_DATA or data/eval)')
+    parser.add_argument('--split', default=None, help='dataset split (default: val; validation for ADE20K)')
+    parser.add_argument('--protocol', default='pgseg', choices=list(PROTOCOLS))
+    parser.add_argument('--bg-thresh', type=float, default=None, help="override the protocol's background value")
+    parser.add_argument('--templates', default=None, help="prompt template set (default: the protocol's)")
+    parser.add_argument('--short-side', type=int, default=None, help="resize short side (default: the protocol's)")
+    parser.add_argument('--crop-size', type=int, default=None, help="sliding-window size (default: the protocol's)")
+    parser.add_argument('--stride', type=int, default=None, help="sliding-window stride (default: the protocol's)")
+    parser.add_argument('--imagenet', default=None, help='ImageNet val: ImageFolder tree or shard pattern')
+    parser.add_argument('--limit', type=int, default=None, help='evaluate only the first N images')
+    parser.add_argument('--bf16', action='store_true', help='bf16 autocast (faster; numbers may move slightly)')
+    parser.add_argument('--visualize', type=int, default=4, help='images in the PNG grid per dataset (0: none)')
+    parser.add_argument('--out', default='runs/eval', help='folder for results.json and the visualisation grids')
+    parser.add_argument('--wandb', default='disabled', choices=['disabled', 'offline', 'online'])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    if not args.dataset and not args.imagenet:
+        parser.error('give at least one --dataset or --imagenet')
+    try:
+        device, _ = init_distributed()
+        model = load_model(args.checkpoint).to(device)
+        protocol = get_protocol(args.protocol, templates=args.templates, short_side=args.short_side,
+                                crop_size=args.crop_size, stride=args.stride)
+        dtype = torch.bfloat16 if args.bf16 else None
+        results = {'checkpoint': args.checkpoint, 'protocol': protocol.describe(), 'results': []}
+        os.makedirs(args.out, exist_ok=True)
+        for name in args.dataset:
+            ds = build_dataset(name, args.data_root, args.split)
+            m = evaluate_segmentation(model, ds, protocol, device, args.bg_thresh, dtype, args.limit,
+                                      args.visualize if is_main_process() else 0)
+            grid = m.pop('_visuals', None)
+            if is_main_process():
+                print('\n' + format_table(m, f'{name} ({len(ds.ids[:args.limit])} images), protocol {protocol.name}'))
+                if grid is not None:
+                    path = os.path.join(args.out, f'{name}_visuals.png')
+                    grid.save(path)
+                    m['visuals'] = path
+            results['results'].append(m)
+        if args.imagenet:
+            r = evaluate_imagenet(model, args.imagenet, device, limit=args.limit)
+            results['results'].append(r)
+            if is_main_process():
+                print(f"\nimagenet zero-shot ({r['num_images']} images, templates {r['templates']}): "
+                      f"top-1 {r['top1']:.2f}, top-5 {r['top5']:.2f}")
+        if is_main_process():
+            path = os.path.join(args.out, 'results.json')
+            with open(path, 'w') as f:
+                json.dump(results, f, indent=1)
+            print(f'\nprotocol {protocol.describe()}\nwrote {path}')
+            _log_wandb(args, results)
+    except (LayoutError, CheckpointError, ValueError) as exc:
+        print(f'pgseg-eval: error: {exc}', file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _log_wandb(args, results) -> None:
+    if args.wandb == 'disabled':
+        return
+    from .metrics import MetricsLogger
+    logger = MetricsLogger(args.out, wandb_mode=args.wandb, project='pgseg-eval', config=vars(args))
+    values, images = {}, {}
+    for r in results['results']:
+        key = r['dataset']
+        values.update({f'eval/{key}/{m}': r[m] for m in ('miou', 'top1', 'top5') if m in r})
+        if 'visuals' in r:
+            images[f'eval/{key}/visuals'] = Image.open(r['visuals'])
+    logger.log(0, values, images)
+    logger.close()
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Evaluation: metrics by hand, readers on official layouts, preprocessing, protocols, 2-process evaluation,
+dataset preparation, ImageNet zero-shot, the Segmenter and pgseg-segment / pgseg-eval."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+import pgseg
+from pgseg.data.synthetic import SceneConfig
+from pgseg.data.synthetic_writers import write_segmentation_set
+from pgseg.eval.datasets import DATASETS, LayoutError, build_dataset
+from pgseg.eval.inference import pamr, predict_labels, preprocess_image
+from pgseg.eval.metrics import confusion_matrix, segmentation_metrics
+from pgseg.eval.prepare import CITYSCAPES_ID_TO_TRAIN_ID, coco_stuff_to_object_lut, convert_cityscapes
+from pgseg.eval.protocols import get_protocol
+from pgseg.evaluate import evaluate_imagenet, evaluate_segmentation
+from pgseg.evaluate import main as eval_main
+from pgseg.segment import main as segment_main
+from tests.conftest import tiny_model_config
+
+SMALL = dict(short_side=32, crop_size=32, stride=16)
+
+
+def test_metrics_by_hand_with_absent_class_and_ignore():
+    label = np.array([[0, 0, 1, 1], [0, 255, 1, 2]])
+    pred = np.array([[0, 1, 1, 1], [3, 3, 2, 2]])  # class 3 is predicted but absent; the 255 pixel is ignored
+    conf = confusion_matrix(pred, label, num_classes=5)
+    assert conf.sum() == 7
+    m = segmentation_metrics(conf, ['a', 'b', 'c', 'd', 'e'])
+    # IoU: a 1/3 (1 hit, union {0,0,0}), b 2/4, c 1/2, d 0/1 (predicted, absent), e: empty union -> left out
+    expected = {'a': 100 / 3, 'b': 50.0, 'c': 50.0, 'd': 0.0, 'e': None}
+    for k, v in expected.items():
+        assert (m['per_class_iou'][k] is None) if v is None else m['per_class_iou'][k] == pytest.approx(v)
+    assert m['miou'] == pytest.approx((100 / 3 + 50 + 50 + 0) / 4)
+    assert m['pixel_accuracy'] == pytest.approx(100 * 4 / 7)
+
+
+def test_confusion_rejects_bad_labels():
+    with pytest.raises(ValueError, match='outside'):
+        confusion_matrix(np.zeros((2, 2)), np.full((2, 2), 7), num_classes=3)
+
+
+def test_preprocess_follows_mmcv_rescale():
+    assert preprocess_image(Image.new('RGB', (500, 375))).shape == (1, 3, 448, 597)
+    assert preprocess_image(Image.new('RGB', (3000, 200))).shape == (1, 3, 137, 2048)  # long side capped
+    x = preprocess_image(Image.new('RGB', (448, 448), (123, 116, 104)))
+    assert x.abs().max() < 0.02  # the mean colour normalises to ~0
+
+
+@pytest.fixture(scope='module')
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('eval')
+    for layout in ('voc', 'context', 'coco_object'):
+        write_segmentation_set(str(root), layout, 5, seed=3, scene=SceneConfig(size=32), progress=False)
+    return str(root)
+
+
+@pytest.mark.parametrize('name,num', [('voc', 9), ('voc20', 8), ('context', 9), ('context59', 8),
+                                      ('coco_object', 9)])
+def test_readers_on_official_layouts(synthetic_root, name, num):
+    ds = build_dataset(name, synthetic_root)
+    assert len(ds) == 5 and ds.num_classes == num
+    image, label, _ = ds[0]
+    assert image.mode == 'RGB' and label.shape == (32, 32) and label.dtype == np.uint8
+    values = set(np.unique(label).tolist())
+    assert values <= set(range(num)) | {255}
+    if DATASETS[name].reduce_zero_label:  # background became ignore
+        raw = np.asarray(Image.open(ds.label_path(ds.ids[0])))
+        assert ((raw == 0) == (label == 255))[raw != 255].all()
+
+
+def test_readers_for_the_other_benchmarks(tmp_path):
+    """COCO-Stuff, Cityscapes (city sub-folders) and ADE20K (reduce_zero_label) in their layouts."""
+    def put(path, array):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(array).save(path)
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    put(tmp_path / 'coco_stuff164k/images/val2017/000000000001.jpg', rgb)
+    put(tmp_path / 'coco_stuff164k/annotations/val2017/000000000001_labelTrainIds.png', np.full((8, 8), 170, np.uint8))
+    put(tmp_path / 'cityscapes/leftImg8bit/val/bonn/bonn_0_leftImg8bit.png', rgb)
+    put(tmp_path / 'cityscapes/gtFine/val/bonn/bonn_0_gtFine_labelTrainIds.png', np.full((8, 8), 18, np.uint8))
+    put(tmp_path / 'ADEChallengeData2016/images/validation/ADE_val_1.jpg', rgb)
+    put(tmp_path / 'ADEChallengeData2016/annotations/validation/ADE_val_1.png', np.array([[0, 1], [150, 2]], np.uint8))
+    assert build_dataset('coco_stuff', str(tmp_path))[0][1].max() == 170
+    city = build_dataset('cityscapes', str(tmp_path))
+    assert city.ids == ['bonn/bonn_0'] and city.num_classes == 19
+    assert build_dataset('ade20k', str(tmp_path))[0][1].tolist() == [[255, 0], [149, 1]]
+
+
+def test_missing_layout_names_the_expected_tree(tmp_path):
+    with pytest.raises(LayoutError, match=r'(?s)VOCdevkit/VOC2012.*JPEGImages/\{id\}\.jpg'):
+        build_dataset('voc', str(tmp_path))
+
+
+def test_output_size_equals_input_size_for_odd_sizes():
+    model = pgseg.build_model(tiny_model_config()).eval()
+    classes = model.class_embeddings(['cat', 'dog'])
+    protocol = get_protocol('pgseg', **SMALL)
+    for size in [(37, 53), (61, 29)]:
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8))
+        labels, scores = predict_labels(model, image, classes, 0.5, True, protocol)
+        assert labels.shape == size and scores.shape == (3, *size)
+
+
+def test_protocol_background_values():
+    assert get_protocol('pgseg').background_for('context') == (0.36, False)
+    assert get_protocol('groupvit').background_for('coco_object') == (0.95, False)
+    assert get_protocol('bench8').background_for('voc') == (0.5, True)
+    with pytest.raises(ValueError, match='no background threshold'):
+        get_protocol('pgseg').background_for('unknown')
+
+
+def test_pamr_keeps_constant_masks():
+    masks = torch.zeros(1, 2, 9, 9)
+    masks[:, 1] = 1.0
+    out = pamr(torch.rand(1, 3, 9, 9), masks, dilations=(1, 2), num_iters=3)
+    torch.testing.assert_close(out, masks)
+
+
+def _eval_worker(rank, init_file, root, expected):
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = pgseg.build_model(tiny_model_config()).eval()
+        m = evaluate_segmentation(model, build_dataset('voc', root), get_protocol('pgseg', **SMALL), progress=False)
+        assert m['per_class_iou'] == expected['per_class_iou'] and m['num_pixels'] == expected['num_pixels']
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_equals_one(synthetic_root, tmp_path):
+    torch.manual_seed(0)
+    model = pgseg.build_model(tiny_model_config()).eval()
+    expected = evaluate_segmentation(model, build_dataset('voc', synthetic_root), get_protocol('pgseg', **SMALL),
+                                     progress=False)
+    assert expected['num_pixels'] > 0 and 'pgseg' in expected['protocol']
+    mp.spawn(_eval_worker, args=(str(tmp_path / 'init'), synthetic_root, expected), nprocs=2, join=True)
+
+
+def test_coco_object_lookup_matches_the_official_mapping():
+    lut = coco_stuff_to_object_lut()
+    assert lut[0] == 1 and lut[89] == 80 and lut[10] == 11 and lut[12] == 12  # ids 11 and 90 are unused
+    assert lut[91] == 0 and lut[181] == 0 and lut[255] == 0  # stuff and unlabeled are background
+    assert sorted(set(lut.tolist())) == list(range(81))
+
+
+def test_cityscapes_train_ids(tmp_path):
+    folder = tmp_path / 'gtFine/val/bonn'
+    os.makedirs(folder)
+    Image.fromarray(np.array([[7, 26], [0, 33]], np.uint8)).save(folder / 'x_gtFine_labelIds.png')
+    assert convert_cityscapes(str(tmp_path)) == 1
+    out = np.asarray(Image.open(folder / 'x_gtFine_labelTrainIds.png'))
+    assert out.tolist() == [[0, 13], [255, 18]] and len(CITYSCAPES_ID_TO_TRAIN_ID) == 19
+
+
+def test_imagenet_folder_and_shards_each_image_once(tmp_path):
+    model = pgseg.build_model(tiny_model_config()).eval()
+    folder = tmp_path / 'val'
+    for k in range(1000):
+        os.makedirs(folder / f'n{k:08d}')
+    buf = io.BytesIO()
+    Image.new('RGB', (40, 30), (10, 200, 30)).save(buf, 'JPEG')
+    for k in (3, 500, 999):
+        (folder / f'n{k:08d}' / 'a.jpg').write_bytes(buf.getvalue())
+    r = evaluate_imagenet(model, str(folder), progress=False)
+    assert r['num_images'] == 3 and 0 <= r['top1'] <= r['top5'] <= 100
+    with tarfile.open(tmp_path / 'in-000.tar', 'w') as tar:
+        for i, k in enumerate((1, 2)):
+            for ext, data in (('jpg', buf.getvalue()), ('cls', str(k).encode())):
+                info = tarfile.TarInfo(f'{i:04d}.{ext}')
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert evaluate_imagenet(model, str(tmp_path / 'in-000.tar'), progress=False)['num_images'] == 2
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    model = pgseg.build_model(tiny_model_config())
+    return pgseg.save_checkpoint(tmp_path / 'ckpt', model, model.cfg)
+
+
+def test_segmenter_on_odd_images(tiny_checkpoint):
+    model = pgseg.load_model(tiny_checkpoint)
+    seg = pgseg.Segmenter(model, ['circle', 'square'], bg_thresh=0.5, protocol=get_protocol('pgseg', **SMALL))
+    rgba = Image.new('RGBA', (33, 21), (255, 0, 0, 128))
+    sixteen = Image.fromarray((np.arange(30 * 20).reshape(20, 30) * 90).astype(np.uint16))
+    for image in (rgba, Image.new('L', (25, 40)), Image.new('CMYK', (30, 30)), sixteen):
+        result = seg(image)
+        assert result.labels.shape == (image.height, image.width)
+        assert sum(result.areas.values()) == pytest.approx(1.0)
+        assert result.overlay().size == image.size
+
+
+def test_segmenter_applies_exif_orientation(tiny_checkpoint, tmp_path):
+    img = Image.new('RGB', (40, 20), (0, 0, 255))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    img.save(tmp_path / 'rot.jpg', exif=exif)
+    seg = pgseg.Segmenter(pgseg.load_model(tiny_checkpoint), ['sky'], protocol=get_protocol('pgseg', **SMALL))
+    assert seg(tmp_path / 'rot.jpg').labels.shape == (40, 20)
+
+
+def test_segment_cli_processes_good_images_despite_a_bad_one(tiny_checkpoint, tmp_path, capsys):
+    Image.new('RGB', (30, 20), (0, 200, 0)).save(tmp_path / 'good.png')
+    (tmp_path / 'broken.jpg').write_bytes(b'not an image')
+    code = segment_main([str(tmp_path / 'good.png'), str(tmp_path / 'broken.jpg'), '--classes', 'grass, sky',
+                         '--checkpoint', str(tiny_checkpoint), '--out', str(tmp_path / 'out'), '--bg-thresh', '0.5'])
+    assert code == 0
+    assert 'cannot read' in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / 'out')) == ['good_areas.json', 'good_labels.png', 'good_overlay.png']
+    areas = json.load(open(tmp_path / 'out' / 'good_areas.json'))
+    assert areas['classes'] == ['background', 'grass', 'sky']
+    assert Image.open(tmp_path / 'out' / 'good_labels.png').mode == 'P'
+
+
+def test_eval_cli(tiny_checkpoint, synthetic_root, tmp_path, capsys):
+    code = eval_main(['--checkpoint', str(tiny_checkpoint), '--dataset', 'voc', '--dataset', 'coco_object',
+                      '--data-root', synthetic_root, '--out', str(tmp_path), '--short-side', '32', '--crop-size',
+                      '32', '--stride', '16', '--visualize', '2'])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert 'mIoU' in out and 'protocol pgseg' in out
+    results = json.load(open(tmp_path / 'results.json'))
+    assert [r['dataset'] for r in results['results']] == ['voc', 'coco_object']
+    assert os.path.isfile(tmp_path / 'voc_visuals.png')
+    assert eval_main(['--checkpoint', str(tiny_checkpoint), '--dataset', 'ade20k', '--data-root', str(tmp_path)]) == 2
