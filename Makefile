@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -q
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: install test lint bench clean-venv
+.PHONY: install test lint bench demo clean-venv
 
 $(VENV)/.pgseg-installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -169,6 +169,11 @@ class EvalConfig:
     datasets: List[str] = field(default_factory=lambda: ['voc'])
     data_root: str = '${oc.env:PGSEG_EVAL_DATA,data/eval}'
     protocol: str = 'pgseg'
+    bg_thresh: float | None = None  # override the protocol's background value
+    short_side: int | None = None  # override the protocol's resize (e.g. small synthetic images)
+    crop_size: int | None = None
+    stride: int | None = None
+    limit: int | None = None  # evaluate only the first N images of each dataset
 
 
 @dataclass

@@ -83,8 +83,10 @@ def _visual_grid(model, visuals, num_classes: int, protocol: Protocol, device) -
         out = model.encode_image(x, with_group_embeds=False)
         groups = group_map_grid(torch.nn.functional.interpolate(x, size=(height, w), mode='bilinear'),
                                 out.group_maps[-1:], out.grid, max_images=1)
-        tiles = [image.convert('RGB').resize((w, height)), label_image(pred, num_classes).resize((w, height)),
-                 label_image(label, num_classes).resize((w, height)), groups.crop((0, height, w, 2 * height))]
+        tiles = [image.convert('RGB').resize((w, height), Image.NEAREST),
+                 label_image(pred, num_classes).resize((w, height), Image.NEAREST),
+                 label_image(label, num_classes).resize((w, height), Image.NEAREST),
+                 groups.crop((0, height, w, 2 * height))]
         row = Image.new('RGB', (4 * w, height))
         for k, tile in enumerate(tiles):
             row.paste(tile, (k * w, 0))
@@ -176,11 +178,12 @@ def evaluate_imagenet(model, source: str, device='cpu', batch_size: int = 64, te
 
 
 # ---------------------------------------------------------------------------------------------- trainer hook
-def build_in_training_evaluator(datasets: list[str], data_root: str, protocol: str, device, limit: int | None = None,
-                                bg_thresh: float | None = None):
-    """The trainer's ``eval_hook``: mean mIoU over ``datasets`` as ``score``, plus each dataset's mIoU."""
-    readers = [build_dataset(name, data_root) for name in datasets]
-    proto = get_protocol(protocol)
+def build_in_training_evaluator(cfg, device):
+    """The trainer's ``eval_hook`` from an :class:`pgseg.config.EvalConfig`: mean mIoU over the datasets as
+    ``score``, plus each dataset's mIoU."""
+    readers = [build_dataset(name, cfg.data_root) for name in cfg.datasets]
+    proto = get_protocol(cfg.protocol, short_side=cfg.short_side, crop_size=cfg.crop_size, stride=cfg.stride)
+    limit, bg_thresh = cfg.limit, cfg.bg_thresh
 
     def hook(model, step: int) -> dict:
         out = {}

@@ -171,6 +171,9 @@ def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:
         log.info('resumed from %s at step %d (epoch %d)', resume, state.step, state.epoch)
     ddp = (DistributedDataParallel(model, device_ids=[local_rank] if device.type == 'cuda' else None,
                                    find_unused_parameters=cfg.train.find_unused_parameters) if world > 1 else model)
+    if eval_hook is None and cfg.eval.every_steps > 0:
+        from .evaluate import build_in_training_evaluator
+        eval_hook = build_in_training_evaluator(cfg.eval, device)
     writer = CheckpointWriter(run_dir, cfg.checkpoint.keep_last)
     logger = MetricsLogger(run_dir, enabled=is_main_process(), wandb_mode=cfg.log.wandb_mode,
                            project=cfg.log.wandb_project, name=cfg.log.wandb_name, tags=cfg.log.wandb_tags,

@@ -1,0 +1,56 @@
+"""Diagnostics that tell whether naming or grouping holds a score down (docs/demo-notes.md):
+
+- recognition: of the classes present in an image, the share ranked within the image's top-|present| classes by the
+  pooled image embedding (chance: |present| / K);
+- distinct final groups per image: how many final groups win at least one pixel;
+- group-oracle mIoU: every final group labelled with the majority true class of its pixels (an upper bound for the
+  naming step given the grouping).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .datasets import SegmentationDataset
+from .inference import preprocess_image
+from .metrics import confusion_matrix, segmentation_metrics
+from .protocols import Protocol
+
+__all__ = ['grouping_diagnostics']
+
+
+@torch.no_grad()
+def grouping_diagnostics(model, dataset: SegmentationDataset, protocol: Protocol, class_embeds: torch.Tensor,
+                         device='cpu', limit: int | None = None) -> dict:
+    """class_embeds: [K_fg, D] for the dataset's foreground classes (background excluded)."""
+    model.eval()
+    with_bg = dataset.classes[0] == 'background'
+    offset = 1 if with_bg else 0
+    hits = total = 0
+    distinct = []
+    conf = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64)
+    for i in range(min(len(dataset), limit or len(dataset))):
+        image, label, _ = dataset[i]
+        x = preprocess_image(image, protocol.short_side, protocol.long_side).to(device)
+        out = model.encode_image(x, with_group_embeds=False)
+        gh, gw = out.grid
+        maps = out.group_maps[-1].transpose(1, 2).reshape(1, -1, gh, gw).float()
+        groups = F.interpolate(maps, size=label.shape, mode='bilinear', align_corners=False).argmax(1)[0].cpu()
+        groups = groups.numpy()
+        distinct.append(len(np.unique(groups)))
+        valid = label != 255
+        oracle = np.zeros_like(label, dtype=np.int64)
+        for g in np.unique(groups):
+            pix = (groups == g) & valid
+            if pix.any():
+                oracle[groups == g] = np.bincount(label[pix].astype(np.int64)).argmax()
+        conf += confusion_matrix(oracle, label, dataset.num_classes)
+        present = sorted({int(c) - offset for c in np.unique(label[valid]) if int(c) >= offset})
+        if present:
+            scores = F.normalize(out.image_embeds.float(), dim=-1) @ class_embeds.float().t()
+            top = set(scores[0].topk(len(present)).indices.tolist())
+            hits += len(top & set(present))
+            total += len(present)
+    return {'recognition': 100.0 * hits / max(total, 1), 'distinct_groups_per_image': float(np.mean(distinct)),
+            'group_oracle_miou': segmentation_metrics(conf, dataset.classes)['miou']}
