@@ -100,7 +100,7 @@ class DataSourceConfig:
     name: str = MISSING
     pattern: str = MISSING  # e.g. ${oc.env:PGSEG_DATA}/gcc3m/gcc-train-{000000..000436}.tar
     length: int | None = None  # None: read from sizes.json beside the shards
-    weight: float = 1.0
+    weight: float = 1.0  # sampling weight in resampled mode; without resampling every shard is read once per pass
 
 
 @dataclass

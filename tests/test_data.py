@@ -217,3 +217,18 @@ def test_multi_label_prompts():
     out = tok('a cat on a sofa', random.Random(0))
     assert out.shape == (4, 16)
     assert torch.equal(out[0], out[3])  # only two words: the third prompt is the caption again
+
+
+def test_named_backgrounds_and_their_words():
+    from pgseg.data.synthetic import _BACKGROUND_PHRASES, BACKGROUNDS
+    cfg = SceneConfig(size=32)
+    seen = set()
+    for i in range(40):
+        rng = scene_rng(9, i)
+        scene = render_scene(rng, cfg)
+        seen.add(scene.background)
+        caption = caption_for(rng, scene.objects, scene.background, background_probability=1.0)
+        assert any(p in caption for p in _BACKGROUND_PHRASES[scene.background]), caption
+    assert seen == set(BACKGROUNDS)
+    with pytest.raises(ValueError, match='background'):
+        SceneConfig(backgrounds=('lava',))

@@ -92,11 +92,19 @@ _COUNT = {1: 'a', 2: 'two', 3: 'three', 4: 'four', 5: 'five'}
 _COLOURS = [(0, 'red'), (30, 'orange'), (55, 'yellow'), (90, 'lime'), (125, 'green'), (170, 'teal'),
             (200, 'cyan'), (225, 'blue'), (265, 'purple'), (300, 'magenta'), (335, 'pink'), (360, 'red')]
 _TEMPLATES = [
-    '{objs}', 'a picture of {objs}', 'a photo of {objs}', '{objs} on a {bg} background', 'there is {objs} here',
-    'an image showing {objs}', 'look at {objs}', 'a drawing with {objs}', '{objs}, drawn on {bg} paper',
-    'a close-up of {objs}', 'some shapes: {objs}', 'I see {objs}',
+    '{objs}', 'a picture of {objs}', 'a photo of {objs}', 'there is {objs}', 'an image showing {objs}',
+    'look at {objs}', 'a drawing with {objs}', 'a close-up of {objs}', 'some shapes: {objs}', 'I see {objs}',
+    'here: {objs}', 'a snapshot of {objs}',
 ]
-_BACKGROUNDS = ['noisy', 'grey', 'textured', 'plain', 'dark', 'light', 'messy']
+# Named background kinds: each has its own look and its own words, as real scenes have ("a dog on the grass"), so
+# that the groups covering the background have something of their own to encode.
+BACKGROUNDS = ('grass', 'sky', 'sand', 'water', 'brick', 'snow', 'noise')
+_BACKGROUND_PHRASES = {
+    'grass': ['on the grass', 'on a lawn', 'in a green field'], 'sky': ['in the sky', 'against a blue sky'],
+    'sand': ['on the sand', 'on a beach'], 'water': ['in the water', 'floating on water'],
+    'brick': ['on a brick wall', 'in front of bricks'], 'snow': ['in the snow', 'on snowy ground'],
+    'noise': ['on a noisy background', 'on a messy pattern'],
+}
 
 
 @dataclass
@@ -111,11 +119,16 @@ class SceneConfig:
     forbidden_pairs: Sequence[tuple[str, str]] = ()  # class pairs that never appear together
     required_pair: tuple[str, str] | None = None  # force both classes of this pair into every scene
     boundary_width: int = 1  # pixels of 255 'ignore' band around objects in VOC-style labels (0 = none)
+    backgrounds: Sequence[str] = BACKGROUNDS  # background kinds drawn uniformly
+    background_in_caption: float = 0.8  # probability that the caption names the background
 
     def __post_init__(self):
         unknown = [c for c in self.classes if c not in SHAPES]
         if unknown:
             raise ValueError(f'synthetic scenes: unknown class(es) {unknown}; choose from {sorted(SHAPES)}')
+        unknown = [b for b in self.backgrounds if b not in BACKGROUNDS]
+        if unknown or not self.backgrounds:
+            raise ValueError(f'synthetic scenes: unknown or no background kinds {unknown}; choose from {BACKGROUNDS}')
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(f'synthetic scenes: need 1 <= min_objects <= max_objects, got '
                              f'{self.min_objects}, {self.max_objects}')
@@ -136,6 +149,7 @@ class Scene:
     mask: np.ndarray  # [H, W] uint8 class index: 0 background, k = classes[k - 1]
     boundary: np.ndarray  # [H, W] bool: a band around each visible object's edge
     objects: list[SceneObject] = field(default_factory=list)
+    background: str = 'noise'
 
 
 def _class_hue(index: int, num: int) -> float:
@@ -164,6 +178,47 @@ def allowed_class_sets(classes: Sequence[str], forbidden: Sequence[tuple[str, st
     """A predicate: may these classes appear together?"""
     bad = {frozenset(p) for p in forbidden}
     return lambda present: not any(frozenset((a, b)) in bad for a in present for b in present if a != b)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cell: int) -> np.ndarray:
+    """Blocky noise upsampled by ``cell`` and blurred once: [H, W] in about [-1, 1]."""
+    coarse = rng.normal(0, 1, size=(size // cell + 2, size // cell + 2))
+    up = np.kron(coarse, np.ones((cell, cell)))[:size + cell, :size + cell]
+    k = cell
+    blur = (up[:-k, :-k] + up[k:, :-k] + up[:-k, k:] + up[k:, k:]) / 4
+    return blur[:size, :size]
+
+
+def _named_background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
+    """float RGB [H, W, 3] in [0, 1] for a background kind."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    fine = rng.normal(0, 1, size=(size, size))
+    if kind == 'noise':
+        return _background(rng, size)
+    if kind == 'grass':
+        blades = np.repeat(rng.normal(0, 1, size=(size // 3 + 1, size)), 3, axis=0)[:size]
+        h = 100 + 12 * _smooth_noise(rng, size, 8) + 6 * blades
+        return _hsv_to_rgb(h, np.full_like(h, 0.6), np.clip(0.42 + 0.08 * blades + 0.04 * fine, 0, 1))
+    if kind == 'sky':
+        clouds = np.clip(_smooth_noise(rng, size, 8) - 0.3, 0, 1)
+        sky = _hsv_to_rgb(np.full_like(yy, 210.0), 0.55 - 0.3 * yy, np.full_like(yy, 0.92))
+        return np.clip(sky * (1 - clouds[..., None]) + clouds[..., None] * 0.97, 0, 1)
+    if kind == 'sand':
+        h = 40 + 4 * _smooth_noise(rng, size, 8)
+        return _hsv_to_rgb(h, np.full_like(h, 0.35), np.clip(0.8 + 0.06 * fine, 0, 1))
+    if kind == 'water':
+        waves = np.sin(yy * size / rng.uniform(2.5, 4.0) + 2 * _smooth_noise(rng, size, 8))
+        return _hsv_to_rgb(195 + 8 * waves, np.full_like(yy, 0.7), np.clip(0.55 + 0.12 * waves + 0.03 * fine, 0, 1))
+    if kind == 'brick':
+        row = (np.arange(size) // 6)
+        offset = (row % 2) * 6
+        mortar = ((np.arange(size)[:, None] % 6) == 0) | (((np.arange(size)[None, :] + offset[:, None]) % 12) == 0)
+        brick = _hsv_to_rgb(np.full_like(yy, 12.0) + 5 * fine, np.full_like(yy, 0.65), np.full_like(yy, 0.55))
+        return np.where(mortar[..., None], 0.75, brick)
+    if kind == 'snow':
+        v = np.clip(0.93 + 0.04 * _smooth_noise(rng, size, 8) + 0.02 * fine, 0, 1)
+        return _hsv_to_rgb(np.full_like(v, 210.0), np.full_like(v, 0.06), v)
+    raise ValueError(f'unknown background kind {kind!r}')
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -207,7 +262,8 @@ def _pick_classes(rng: np.random.Generator, cfg: SceneConfig) -> list[str]:
 
 def render_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
     size = cfg.size
-    image = _background(rng, size)
+    background = str(rng.choice(list(cfg.backgrounds)))
+    image = _named_background(rng, background, size)
     mask = np.zeros((size, size), dtype=np.uint8)
     yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
     objects = []
@@ -229,7 +285,8 @@ def render_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
     visible = set(np.unique(mask).tolist()) - {0}
     objects = [o for o in objects if list(cfg.classes).index(o.cls) + 1 in visible]
     boundary = _boundary(mask, cfg.boundary_width)
-    return Scene(image=(image * 255).round().astype(np.uint8), mask=mask, boundary=boundary, objects=objects)
+    return Scene(image=(image * 255).round().astype(np.uint8), mask=mask, boundary=boundary, objects=objects,
+                 background=background)
 
 
 def _boundary(mask: np.ndarray, width: int) -> np.ndarray:
@@ -273,10 +330,15 @@ def _describe_group(rng: np.random.Generator, cls: str, hues: list[float]) -> st
     return ' '.join(parts)
 
 
-def caption_for(rng: np.random.Generator, objects: Sequence[SceneObject]) -> str:
-    """A caption naming every visible object class, in random order, with counts and optional colours."""
+def caption_for(rng: np.random.Generator, objects: Sequence[SceneObject], background: str | None = None,
+                background_probability: float = 0.8) -> str:
+    """A caption naming every visible object class, in random order, with counts and optional colours, and (with
+    ``background_probability``) the background kind."""
+    place = ''
+    if background is not None and rng.random() < background_probability:
+        place = ' ' + str(rng.choice(_BACKGROUND_PHRASES[background]))
     if not objects:
-        return str(rng.choice(['an empty background', 'nothing but texture', 'a blank noisy picture']))
+        return 'nothing but ' + {'noise': 'texture'}.get(background or 'noise', background or 'texture')
     groups: dict[str, list[float]] = {}
     for o in objects:
         groups.setdefault(o.cls, []).append(o.hue)
@@ -289,4 +351,4 @@ def caption_for(rng: np.random.Generator, objects: Sequence[SceneObject]) -> str
         objs = f'{phrases[0]} {rng.choice(["next to", "near", "and", "beside", "with"])} {phrases[1]}'
     else:
         objs = ', '.join(phrases[:-1]) + ' and ' + phrases[-1]
-    return str(rng.choice(_TEMPLATES)).format(objs=objs, bg=rng.choice(_BACKGROUNDS))
+    return str(rng.choice(_TEMPLATES)).format(objs=objs + place)

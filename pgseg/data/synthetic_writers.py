@@ -78,10 +78,11 @@ def write_caption_shards(out_dir: str, num_samples: int, seed: int = 0, samples_
                 index = shard * samples_per_shard + i
                 rng = scene_rng(seed, index)
                 s = render_scene(rng, scene)
-                caption = caption_for(rng, s.objects)
+                caption = caption_for(rng, s.objects, s.background, scene.background_in_caption)
                 key = f'{shard:05d}{i:04d}'
                 meta = {'key': key, 'caption': caption, 'url': None, 'status': 'success', 'width': scene.size,
-                        'height': scene.size, 'synthetic_seed': seed, 'synthetic_index': index}
+                        'height': scene.size, 'synthetic_seed': seed, 'synthetic_index': index,
+                        'background': s.background}
                 _add(tar, f'{key}.jpg', _jpeg(s.image))
                 _add(tar, f'{key}.txt', caption.encode('utf-8'))
                 _add(tar, f'{key}.json', json.dumps(meta).encode('utf-8'))
@@ -101,6 +102,7 @@ def _scene_dict(scene: SceneConfig) -> dict:
     d = asdict(scene)
     d['classes'] = list(scene.classes)
     d['forbidden_pairs'] = [list(p) for p in scene.forbidden_pairs]
+    d['backgrounds'] = list(scene.backgrounds)
     return d
 
 
