@@ -206,7 +206,8 @@ def _merge(schema: Any, sources: Sequence[tuple[str, Any]]) -> Any:
     except oc_errors.OmegaConfBaseException as exc:
         raise _config_error(exc, 'config') from None
     if missing:
-        raise ConfigError(f'config: required value(s) not set: {", ".join(missing)}')
+        where = ' + '.join(w for w, _ in sources) or 'defaults'
+        raise ConfigError(f'{where}: required value(s) not set: {", ".join(missing)}')
     try:
         return OmegaConf.to_object(cfg)
     except oc_errors.OmegaConfBaseException as exc:

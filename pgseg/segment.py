@@ -30,9 +30,6 @@ from .prompts import get_templates
 
 __all__ = ['Segmenter', 'SegmentationResult', 'load_any_image', 'main']
 
-Image.MAX_IMAGE_PIXELS = 400_000_000  # large photos are legitimate input; the image is resized before inference
-
-
 def load_any_image(source) -> Image.Image:
     """A path, PIL image or uint8 array -> RGB PIL image, upright (EXIF orientation applied), 8-bit.
 
@@ -126,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--bf16', action='store_true', help='bf16 autocast')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+    Image.MAX_IMAGE_PIXELS = 400_000_000  # large photos are legitimate input here: they are resized for inference
     try:
         model = load_model(args.checkpoint)
     except CheckpointError as exc:

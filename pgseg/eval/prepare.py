@@ -1,7 +1,6 @@
 """Dataset preparation: COCO-Object label maps, Cityscapes train ids, and image counts against the official ones."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -116,6 +115,3 @@ def count_images(data_root: str, datasets=None) -> dict:
             report[name] = {'found': 0, 'official': OFFICIAL_COUNTS[name], 'ok': False, 'error': str(exc)}
     return report
 
-
-if __name__ == '__main__':
-    print(json.dumps(count_images('data/eval'), indent=1))
