@@ -98,11 +98,13 @@ class CheckpointWriter:
 
 
 def _stop_requested(state: RunState, cfg: TrainConfig, start: float, total_steps: int) -> bool:
-    """Every rank must agree, so rank 0 decides and broadcasts."""
-    stop = state.step >= total_steps or (cfg.train.max_steps is not None and state.step >= cfg.train.max_steps)
-    if cfg.train.time_limit_minutes is not None and time.time() - start > 60 * cfg.train.time_limit_minutes:
-        stop = True
-    return broadcast_flag(stop)
+    """Step limits are the same on every rank. The time limit differs by rank, so rank 0 decides and broadcasts, and
+    only every ``log.every_steps`` steps: no collective or host sync on the other steps."""
+    if state.step >= total_steps or (cfg.train.max_steps is not None and state.step >= cfg.train.max_steps):
+        return True
+    if cfg.train.time_limit_minutes is None or state.step % cfg.log.every_steps:
+        return False
+    return broadcast_flag(time.time() - start > 60 * cfg.train.time_limit_minutes)
 
 
 def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:
