@@ -241,7 +241,6 @@ class TrainStream(IterableDataset):
                 sample = next(stream)
                 rng = random.Random(_seed(self.seed, epoch, self.rank, worker, 3, delivered))
                 delivered += 1
-                torch.manual_seed(rng.getrandbits(62))  # transforms that use torch's RNG (timm) stay reproducible
                 out = self._decode(sample, rng, counts)
                 if out is not None:
                     images.append(out[0])

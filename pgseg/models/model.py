@@ -3,6 +3,7 @@ logit scales; ``encode_image`` / ``encode_text`` / ``class_embeddings`` for infe
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import List, Literal, Sequence
@@ -10,6 +11,7 @@ from typing import List, Literal, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ConfigError, ModelConfig
 from ..data.text import tokenize
@@ -65,7 +67,8 @@ class GroupSegModel(nn.Module):
     # ------------------------------------------------------------------ inference
     def encode_image(self, images: torch.Tensor, with_group_embeds: bool = True) -> ImageOutput:
         """images: normalised [B, 3, H, W] -> :class:`ImageOutput`."""
-        feats = self.img_encoder(images)
+        with self.attention_kernels(images.device):
+            feats = self.img_encoder(images)
         return self._image_output(feats, with_group_embeds)
 
     def _image_output(self, feats: ImageFeatures, with_group_embeds: bool) -> ImageOutput:
@@ -80,7 +83,8 @@ class GroupSegModel(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [N, L] CLIP BPE ids -> projected EOT embeddings [N, D], not normalised."""
-        return self.text_projector(self.text_encoder(tokens))
+        with self.attention_kernels(tokens.device):
+            return self.text_projector(self.text_encoder(tokens))
 
     @torch.no_grad()
     def class_embeddings(self, names: Sequence[str], templates: Sequence[str] = ('a photo of a {}.',),
@@ -114,7 +118,24 @@ class GroupSegModel(nn.Module):
         Returns ``itc``, for PGSeg ``npr`` (already weighted) and its unweighted parts ``npr_image_<k>`` and
         ``npr_text``, ``multi_label`` when enabled, and ``loss``, the sum to minimise.
         """
-        variant = npr_variant or self.cfg.npr.variant
+        with self.attention_kernels(images.device):
+            return self._compute_losses(images, tokens, npr_variant or self.cfg.npr.variant)
+
+    def attention_kernels(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The scaled-dot-product attention kernels for a forward pass (``model.attention``). The backward pass
+        follows the kernels the forward chose, so only forward calls need this."""
+        choice = self.cfg.attention
+        if choice == 'auto':
+            cpu_bf16 = (device.type == 'cpu' and torch.is_autocast_enabled('cpu')
+                        and torch.get_autocast_dtype('cpu') == torch.bfloat16)
+            choice = 'math' if cpu_bf16 else 'fused'
+        if choice == 'math':
+            return sdpa_kernel(SDPBackend.MATH)
+        if choice == 'fused':
+            return contextlib.nullcontext()  # PyTorch picks flash / memory-efficient / cuDNN where they apply
+        raise ConfigError(f"model.attention must be 'auto', 'math' or 'fused', got {choice!r}")
+
+    def _compute_losses(self, images: torch.Tensor, tokens: torch.Tensor, variant: str) -> dict[str, torch.Tensor]:
         prompts = None
         if tokens.ndim == 3:
             if self.cfg.multi_label <= 0:
