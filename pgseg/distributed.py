@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ['init_distributed', 'is_distributed', 'get_rank', 'get_world_size', 'is_main_process',
-           'all_gather_with_grad', 'broadcast_flag', 'all_ranks_true', 'all_reduce_mean', 'barrier']
+           'all_gather_with_grad', 'broadcast_flag', 'all_ranks_true', 'all_ranks_true_tensor', 'all_reduce_mean',
+           'barrier']
 
 
 def init_distributed() -> tuple[torch.device, int]:
@@ -98,6 +99,17 @@ def all_ranks_true(flag: bool) -> bool:
     t = torch.tensor([int(flag)], device=_flag_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+@torch.no_grad()
+def all_ranks_true_tensor(flag: torch.Tensor) -> torch.Tensor:
+    """Device-side :func:`all_ranks_true`: a 0-dim bool tensor, True only where every rank's is True. No host
+    synchronisation (on NCCL the all-reduce is enqueued on the stream)."""
+    if get_world_size() == 1:
+        return flag
+    t = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t[0].bool()
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .distributed import all_ranks_true
+from .distributed import all_ranks_true, all_ranks_true_tensor
 
 __all__ = ['StepResult', 'NonFiniteLossError', 'autocast_for', 'train_step', 'RunState', 'capture_rng', 'restore_rng']
 
@@ -29,7 +29,8 @@ class NonFiniteLossError(RuntimeError):
 class StepResult:
     losses: dict[str, torch.Tensor]  # detached, averaged over micro-batches
     grad_norm: torch.Tensor  # before clipping
-    applied: bool  # False when the step was skipped as non-finite
+    applied: bool | torch.Tensor  # False when the step was skipped as non-finite (a 0-dim bool tensor, read lazily,
+    # when the decision was taken on the device)
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -64,18 +65,25 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[tuple[torch.Tenso
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else math.inf)
-    loss_ok = all_ranks_true(bool(torch.isfinite(totals['loss']).item()))  # the step's host sync; ranks agree
     if scaler is not None:  # fp16: the scaler skips steps with inf gradients and lowers its scale
+        loss_ok = all_ranks_true(bool(torch.isfinite(totals['loss']).item()))  # host sync; ranks agree
         if loss_ok:
             scaler.step(optimizer)
         scaler.update()
-        applied = loss_ok
+        applied: bool | torch.Tensor = loss_ok
     else:
-        applied = loss_ok and bool(torch.isfinite(grad_norm).item())
-        if applied:
+        # decided on the device: every rank applies the step only if loss and gradient norm are finite everywhere
+        applied = all_ranks_true_tensor(torch.isfinite(totals['loss']) & torch.isfinite(grad_norm))
+        if getattr(optimizer, 'defaults', {}).get('fused'):
+            # the fused kernel reads found_inf on the device and leaves parameters, moments and step count alone
+            # when it is 1: no device-to-host synchronisation in the step
+            optimizer.found_inf = (~applied).to(torch.float32)
+            try:
+                optimizer.step()
+            finally:
+                optimizer.found_inf = None
+        elif bool(applied):  # other optimizers: one host sync
             optimizer.step()
-    if not applied:
-        optimizer.zero_grad(set_to_none=True)
     return StepResult(losses=totals, grad_norm=grad_norm.detach(), applied=applied)
 
 

@@ -103,6 +103,19 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run():
         state.count_step(train_step(model, batch, opt).applied, max_streak=3)
 
 
+def test_nonfinite_step_is_skipped_on_the_device_with_fused_adamw():
+    model = _Exploding()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    batch = [(torch.ones(2, 3, 4, 4), torch.zeros(2, 5, dtype=torch.long))]
+    result = train_step(model, batch, opt)
+    assert torch.is_tensor(result.applied) and not bool(result.applied)  # decided without a host sync
+    assert torch.equal(model.w.detach(), torch.ones(3))
+    assert float(opt.state[model.w]['step']) == 0 and torch.equal(opt.state[model.w]['exp_avg'], torch.zeros(3))
+    model.forward = lambda images, tokens: {'loss': (model.w * images.mean()).sum()}
+    assert bool(train_step(model, batch, opt).applied) and not torch.equal(model.w.detach(), torch.ones(3))
+    assert getattr(opt, 'found_inf', None) is None  # not left behind for other callers
+
+
 def test_schedule_official_warmup_quirk():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
     official = build_scheduler(opt, total_steps=300, warmup_steps=100, warmup_lr=1e-6, min_lr=1e-5,
