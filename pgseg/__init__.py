@@ -16,9 +16,9 @@ from .config import ConfigError, ModelConfig, TrainConfig, load_config, load_mod
 from .data.text import tokenize
 from .eval.inference import slide_logits
 from .models.model import GroupSegModel, ImageOutput, build_model
-from .segment import Segmenter
+from .segment import PromptSegmenter, Segmenter
 
 __version__ = '0.1.0'
 __all__ = ['load_model', 'save_checkpoint', 'build_model', 'tokenize', 'slide_logits', 'load_config',
            'load_model_config', 'ConfigError', 'ModelConfig', 'TrainConfig', 'GroupSegModel', 'ImageOutput',
-           'Segmenter']
+           'Segmenter', 'PromptSegmenter']

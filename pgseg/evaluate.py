@@ -4,6 +4,7 @@ matrices summed).
 
     pgseg-eval --checkpoint X --dataset voc --dataset context --data-root data/eval --protocol pgseg
     pgseg-eval --checkpoint X --imagenet data/imagenet/val          # an ImageFolder tree, or a shard pattern
+    pgseg-eval --prompts runs/mvpseg/prompts.pt --dataset voc20     # MVP-SEG prompts: mIoU(S), mIoU(U), hIoU
 """
 from __future__ import annotations
 
@@ -199,7 +200,12 @@ def build_in_training_evaluator(cfg, device):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='pgseg-eval', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--checkpoint', required=True, help='pgseg checkpoint directory or official .pth')
+    parser.add_argument('--checkpoint', default=None, help='pgseg checkpoint directory or official .pth (with '
+                        '--prompts: the pgseg backbone, when not the one the prompts file names)')
+    parser.add_argument('--prompts', default=None, help='MVP-SEG prompts file (pgseg-prompt-train): every pixel is '
+                        'classified over seen and unseen classes; reports mIoU(S), mIoU(U), hIoU')
+    parser.add_argument('--unseen', default=None, help='with --prompts: comma-separated unseen class names '
+                        "(default: the prompts file's), or a named split: voc_15_5, context_49_10, coco_stuff_156_15")
     parser.add_argument('--dataset', action='append', default=[], choices=list(DATASETS),
                         help='dataset to evaluate (repeat for several)')
     parser.add_argument('--data-root', default=os.environ.get('PGSEG_EVAL_DATA', 'data/eval'),
@@ -221,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     if not args.dataset and not args.imagenet:
         parser.error('give at least one --dataset or --imagenet')
+    if args.prompts:
+        return _main_prompts(args)
+    if not args.checkpoint:
+        parser.error('--checkpoint is required (or --prompts)')
     try:
         device, _ = init_distributed()
         model = load_model(args.checkpoint).to(device)
@@ -254,6 +264,51 @@ def main(argv: list[str] | None = None) -> int:
             print(f'\nprotocol {protocol.describe()}\nwrote {path}')
             _log_wandb(args, results)
     except (LayoutError, CheckpointError, ValueError) as exc:
+        print(f'pgseg-eval: error: {exc}', file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _main_prompts(args) -> int:
+    """``pgseg-eval --prompts FILE``: seen / unseen evaluation of learned MVP-SEG prompts."""
+    from .mvpseg.inference import SlideSettings, evaluate_seen_unseen
+    from .mvpseg.prompt_file import load_prompts
+    from .mvpseg.protocols import SPLITS, resolve_split
+    try:
+        device, _ = init_distributed()
+        backbone = None
+        if args.checkpoint:
+            from .mvpseg.backbones import GroupSegDenseBackbone
+            backbone = GroupSegDenseBackbone(load_model(args.checkpoint))
+        learner, backbone, meta = load_prompts(args.prompts, backbone)
+        backbone, learner = backbone.to(device), learner.to(device).eval()
+        settings = SlideSettings(short_side=args.short_side or 512, crop_size=args.crop_size or 512,
+                                 stride=args.stride or 341)
+        results = {'prompts': args.prompts, 'settings': vars(settings), 'results': []}
+        os.makedirs(args.out, exist_ok=True)
+        for name in args.dataset:
+            ds = build_dataset(name, args.data_root, args.split)
+            if args.unseen in SPLITS:
+                _, unseen = resolve_split(args.unseen, list(ds.classes))
+            else:
+                names = args.unseen.split(',') if args.unseen else meta.get('unseen', [])
+                _, unseen = resolve_split('custom', list(ds.classes), [n.strip() for n in names])
+            m = evaluate_seen_unseen(backbone, learner, ds, unseen, settings, device,
+                                     torch.bfloat16 if args.bf16 else None, args.limit)
+            if is_main_process():
+                print('\n' + format_table(m, f'{name} ({m["num_images"]} images), learned prompts {args.prompts}'))
+                print(f"{'mIoU(S)':<24}{m['miou_seen']:>8.2f}\n{'mIoU(U)':<24}{m['miou_unseen']:>8.2f}\n"
+                      f"{'hIoU':<24}{m['hiou']:>8.2f}   (unseen: {', '.join(m['unseen_classes'])})")
+            results['results'].append(m)
+        if is_main_process():
+            path = os.path.join(args.out, 'results.json')
+            with open(path, 'w') as f:
+                json.dump(results, f, indent=1)
+            print(f'\nwrote {path}')
+    except (LayoutError, CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f'pgseg-eval: error: {exc}', file=sys.stderr)
         return 2
     finally:

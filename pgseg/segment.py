@@ -7,6 +7,7 @@
     result.overlay().save("photo_seg.png")
 
     pgseg-segment photo.jpg other.png --classes "cat,dog,sofa" --checkpoint X --out runs/segment
+    pgseg-segment photo.jpg --classes "cat,dog,grass" --prompts runs/mvpseg/prompts.pt    # learned MVP-SEG prompts
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .eval.inference import predict_labels
 from .eval.protocols import Protocol, get_protocol
 from .prompts import get_templates
 
-__all__ = ['Segmenter', 'SegmentationResult', 'load_any_image', 'main']
+__all__ = ['Segmenter', 'PromptSegmenter', 'SegmentationResult', 'load_any_image', 'main']
 
 def load_any_image(source) -> Image.Image:
     """A path, PIL image or uint8 array -> RGB PIL image, upright (EXIF orientation applied), 8-bit.
@@ -107,6 +108,49 @@ class Segmenter:
         return SegmentationResult(image=img, labels=labels, class_names=self.class_names, areas=areas)
 
 
+class PromptSegmenter:
+    """Segmentation with learned MVP-SEG prompts (``pgseg-prompt-train``'s ``prompts.pt``): every pixel gets one of
+    ``classes`` (no background rule; name a background class such as "background" or "sky" to have one).
+
+        seg = pgseg.PromptSegmenter("runs/mvpseg/prompts.pt", classes=["cat", "dog", "grass"])
+    """
+
+    def __init__(self, prompts: str, classes: Sequence[str], checkpoint: str | None = None,
+                 device: torch.device | str | None = None, autocast_dtype: torch.dtype | None = None,
+                 short_side: int | None = None, crop_size: int | None = None, stride: int | None = None):
+        from .mvpseg.inference import SlideSettings
+        from .mvpseg.prompt_file import load_prompts
+        names = [c.strip() for c in classes if c and c.strip()]
+        if not names:
+            raise ValueError('PromptSegmenter needs at least one class name')
+        backbone = None
+        if checkpoint:
+            from .checkpoint import load_model
+            from .mvpseg.backbones import GroupSegDenseBackbone
+            backbone = GroupSegDenseBackbone(load_model(checkpoint))
+        self.device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        learner, backbone, meta = load_prompts(prompts, backbone)
+        self.backbone, self.learner = backbone.to(self.device), learner.to(self.device).eval()
+        slide = meta.get('slide', {})
+        self.settings = SlideSettings(short_side=short_side or slide.get('short_side', 512),
+                                      crop_size=crop_size or slide.get('crop_size', 512),
+                                      stride=stride or slide.get('stride', 341))
+        self.class_names, self.autocast_dtype = names, autocast_dtype
+        with torch.no_grad():
+            self.text = self.learner.class_embeddings(self.backbone, names)
+
+    @torch.no_grad()
+    def __call__(self, image) -> SegmentationResult:
+        from .mvpseg.inference import predict_image
+        img = load_any_image(image)
+        labels, _ = predict_image(self.backbone, self.learner, self.text, img, self.settings, self.device,
+                                  self.autocast_dtype)
+        labels = labels.cpu().numpy()
+        counts = np.bincount(labels.ravel(), minlength=len(self.class_names))
+        areas = {n: float(c) / labels.size for n, c in zip(self.class_names, counts) if c > 0}
+        return SegmentationResult(image=img, labels=labels, class_names=self.class_names, areas=areas)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError, load_model
 
@@ -115,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                                      'k = k-th class) and <name>_areas.json per image.')
     parser.add_argument('images', nargs='+', help='image files (any format Pillow opens)')
     parser.add_argument('--classes', required=True, help='comma-separated class names, e.g. "cat,dog,sofa"')
-    parser.add_argument('--checkpoint', required=True, help='pgseg checkpoint directory or official .pth')
+    parser.add_argument('--checkpoint', default=None, help='pgseg checkpoint directory or official .pth')
+    parser.add_argument('--prompts', default=None, help='learned MVP-SEG prompts (pgseg-prompt-train): every pixel '
+                        'gets one of --classes, no background rule; --checkpoint, if given, is the pgseg backbone')
     parser.add_argument('--out', default='runs/segment', help='output folder')
     parser.add_argument('--bg-thresh', type=float, default=0.9,
                         help='background threshold (official rule); negative: no background class')
@@ -124,15 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
     Image.MAX_IMAGE_PIXELS = 400_000_000  # large photos are legitimate input here: they are resized for inference
+    if not args.checkpoint and not args.prompts:
+        parser.error('give --checkpoint (zero-shot rule) or --prompts (learned MVP-SEG prompts)')
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    dtype = torch.bfloat16 if args.bf16 else None
     try:
-        model = load_model(args.checkpoint)
-    except CheckpointError as exc:
+        if args.prompts:
+            segmenter = PromptSegmenter(args.prompts, args.classes.split(','), args.checkpoint, device, dtype)
+        else:
+            segmenter = Segmenter(load_model(args.checkpoint).to(device), args.classes.split(','),
+                                  bg_thresh=None if args.bg_thresh < 0 else args.bg_thresh, templates=args.templates,
+                                  autocast_dtype=dtype)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f'pgseg-segment: error: {exc}', file=sys.stderr)
         return 2
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    segmenter = Segmenter(model.to(device), args.classes.split(','),
-                          bg_thresh=None if args.bg_thresh < 0 else args.bg_thresh, templates=args.templates,
-                          autocast_dtype=torch.bfloat16 if args.bf16 else None)
     os.makedirs(args.out, exist_ok=True)
     failed = 0
     for path in args.images:

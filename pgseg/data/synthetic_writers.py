@@ -132,6 +132,14 @@ def write_segmentation_set(root: str, layout: Layout, num_images: int, seed: int
         raise ValueError(f"layout must be 'voc', 'context' or 'coco_object', got {layout!r}")
     os.makedirs(os.path.join(base, img_dir), exist_ok=True)
     os.makedirs(os.path.join(base, ann_dir), exist_ok=True)
+    if list_file is not None:  # splits share the image folder: their ids must not collide
+        list_dir = os.path.dirname(os.path.join(base, list_file))
+        first = f'{2000 + seed % 1000:04d}_{0:06d}'
+        for other in os.listdir(list_dir) if os.path.isdir(list_dir) else []:
+            if other != os.path.basename(list_file) and other.endswith('.txt'):
+                if first in {line.strip() for line in open(os.path.join(list_dir, other))}:
+                    raise ValueError(f'seed {seed} gives image ids ({first}, ...) that split {other[:-4]!r} in '
+                                     f'{base} already uses; pick a seed that differs from its seed modulo 1000')
     palette = voc_palette()
     ids = []
     for i in tqdm(range(num_images), desc=f'{layout} {split} -> {base}', disable=not progress, unit='img'):

@@ -1,0 +1,25 @@
+"""MVP-SEG (Guo et al., arXiv 2304.06957): multi-view prompt learning on a frozen dense-feature backbone, with
+OCLoss and Global Prompt Refining, trained on seen classes and evaluated over seen and unseen ones (hIoU).
+
+    pgseg-prompt-train --config configs/mvpseg_synthetic.yaml          # learn prompts
+    pgseg-eval --prompts runs/mvpseg/prompts.pt --dataset voc20 ...     # evaluate them
+    pgseg-segment photo.jpg --prompts runs/mvpseg/prompts.pt --classes "cat,dog"
+"""
+from .backbones import BackboneConfig, ClipDenseBackbone, DenseBackbone, GroupSegDenseBackbone, build_backbone
+from .learner import (
+                      MultiViewPrompts,
+                      PixelLogits,
+                      PromptConfig,
+                      TemplateClassifier,
+                      orthogonality_loss,
+                      presence_loss,
+                      refined_log_probs,
+                      segmentation_loss,
+)
+from .prompt_file import load_prompts, save_prompts
+from .protocols import SPLITS, harmonic_iou, resolve_split, seen_unseen_metrics
+
+__all__ = ['BackboneConfig', 'DenseBackbone', 'ClipDenseBackbone', 'GroupSegDenseBackbone', 'build_backbone',
+           'PromptConfig', 'MultiViewPrompts', 'TemplateClassifier', 'PixelLogits', 'orthogonality_loss',
+           'segmentation_loss', 'presence_loss', 'refined_log_probs', 'load_prompts', 'save_prompts', 'SPLITS',
+           'harmonic_iou', 'resolve_split', 'seen_unseen_metrics']

@@ -1,0 +1,247 @@
+"""Frozen dense-feature backbones for MVP-SEG prompt learning, behind one interface (:class:`DenseBackbone`).
+
+- :class:`ClipDenseBackbone`: an open_clip CLIP model through MaskCLIP's value-embedding path. ResNet CLIPs: the trunk
+  to res5, then the attention pool's value and output projections applied as 1x1 convolutions (query, key and the
+  pool's positional embedding unused). ViT CLIPs: the last block with its query-key attention replaced by the value
+  path (``out_proj(v_proj(ln_1(x)))``, residual and MLP kept), then ``ln_post`` and ``proj`` on every patch token.
+- :class:`GroupSegDenseBackbone`: a pgseg GroupViT / PGSeg model. The feature of a patch is the mix of the final
+  (projected, L2-normalised) group embeddings weighted by the patch's soft assignment to each group.
+
+The text side is the backbone's own frozen text transformer; :meth:`DenseBackbone.encode_with_context` runs it on
+token embeddings in which learnable context vectors replace placeholder tokens (CoOp), so gradients reach the
+context and nothing else. Every backbone parameter is frozen and the backbone stays in eval mode.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.text import tokenize
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ['BackboneConfig', 'DenseBackbone', 'ClipDenseBackbone', 'GroupSegDenseBackbone', 'build_backbone',
+           'CLIP_MEAN', 'CLIP_STD']
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class BackboneConfig:
+    """Which frozen model gives pixel features and text embeddings.
+
+    ``kind: clip``: ``name`` is an open_clip model name (RN50, ViT-B-16, ...) or ``model_config`` an open_clip model
+    config dict (embed_dim, vision_cfg, text_cfg; for tiny test models); ``pretrained`` a local weights file or an
+    open_clip pretrained tag already in the local cache (never downloaded: HF_HUB_OFFLINE), or null for random
+    weights (tests only). ``kind: pgseg``: ``checkpoint`` a pgseg checkpoint directory (or a training run directory:
+    its newest checkpoint) or an official .pth.
+    """
+    kind: str = 'pgseg'  # 'pgseg' or 'clip'
+    checkpoint: str | None = None
+    name: str | None = None
+    pretrained: str | None = None
+    model_config: dict[str, Any] | None = None
+    logit_scale: float | None = None  # None: the backbone's own (exp of its learned logit scale)
+
+
+class DenseBackbone(nn.Module):
+    """Interface. Subclasses set ``embed_dim`` (joint space D), ``token_dim`` (text width), ``context_length``,
+    ``mean``/``std`` (input normalisation), ``logit_scale`` (the backbone's zero-shot logit scale), and implement
+    :meth:`dense_features` and :meth:`_text_parts`."""
+
+    embed_dim: int
+    token_dim: int
+    context_length: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    logit_scale: float
+
+    def freeze(self) -> DenseBackbone:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> DenseBackbone:
+        return super().train(False)  # always eval: BatchNorm statistics and dropout stay frozen
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> the backbone's input normalisation."""
+        mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = images.new_tensor(self.std).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B, 3, H, W] -> pixel features [B, D, h, w] in the joint space (not L2-normalised)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- text side
+    def _text_parts(self) -> tuple[nn.Module, torch.Tensor, nn.Module, nn.Module, torch.Tensor | None,
+                                   Callable[[torch.Tensor], torch.Tensor]]:
+        """(token_embedding, positional_embedding, transformer, ln_final, attn_mask, project)."""
+        raise NotImplementedError
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return tokenize(texts, self.context_length).to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers(), next(self.parameters())).device
+
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, L] ids -> [N, L, token_dim] word embeddings (no positions)."""
+        return self._text_parts()[0](tokens)
+
+    def encode_with_context(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Word embeddings [N, L, token_dim] (context vectors already in place) and the ids they came from [N, L]
+        (for the EOT position) -> projected text embeddings [N, D], not normalised."""
+        _, pos, transformer, ln_final, mask, project = self._text_parts()
+        L = embeddings.shape[1]
+        x = embeddings + pos[:L].to(embeddings.dtype)
+        x = transformer(x, attn_mask=mask[:L, :L] if mask is not None else None)
+        x = ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # EOT: the largest id
+        return project(pooled)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Plain prompts -> projected embeddings [N, D] (the hand-written template baseline)."""
+        tokens = self.tokenize(texts)
+        return self.encode_with_context(self.token_embeddings(tokens), tokens)
+
+
+class ClipDenseBackbone(DenseBackbone):
+    """An open_clip ``CLIP`` (ResNet or ViT image tower) with MaskCLIP's dense value-embedding features."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        if not hasattr(clip, 'token_embedding'):
+            raise ValueError('ClipDenseBackbone needs an open_clip CLIP with a built-in text tower '
+                             '(CustomTextCLIP / Hugging Face text towers are not supported)')
+        self.clip = clip
+        visual = clip.visual
+        self.is_resnet = hasattr(visual, 'attnpool')
+        if not self.is_resnet and not hasattr(visual, 'transformer'):
+            raise ValueError(f'ClipDenseBackbone: unsupported image tower {type(visual).__name__} '
+                             '(ResNet with attention pool, or ViT)')
+        self.embed_dim = int(clip.text_projection.shape[1] if torch.is_tensor(clip.text_projection)
+                             else clip.text_projection.out_features)
+        self.token_dim = int(clip.token_embedding.embedding_dim)
+        self.context_length = int(clip.context_length)
+        self.mean, self.std = CLIP_MEAN, CLIP_STD
+        self.logit_scale = float(clip.logit_scale.detach().exp())
+        self.freeze()
+
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        visual = self.clip.visual
+        if self.is_resnet:
+            x = visual.stem(images)
+            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # [B, C, h, w], stride 32
+            pool = visual.attnpool
+            v = F.conv2d(x, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)
+            return F.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)  # [B, D, h, w]
+        grid = visual.grid_size
+        patch = visual.patch_size
+        if images.shape[-2:] != (grid[0] * patch[0], grid[1] * patch[1]):
+            raise ValueError(f'ViT CLIP backbone: input {tuple(images.shape[-2:])} must be the model image size '
+                             f'{(grid[0] * patch[0], grid[1] * patch[1])} (use sliding windows of that size)')
+        x = visual._embeds(images)  # [B, 1 + hw, width]
+        blocks = visual.transformer.resblocks
+        for blk in blocks[:-1]:
+            x = blk(x)
+        last = blocks[-1]
+        attn = last.attn
+        width = x.shape[-1]
+        v = F.linear(last.ln_1(x), attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:]
+                     if attn.in_proj_bias is not None else None)
+        x = x + last.ls_1(attn.out_proj(v))  # the value path instead of query-key attention
+        x = x + last.ls_2(last.mlp(last.ln_2(x)))
+        x = visual.ln_post(x[:, 1:])  # patch tokens only
+        if visual.proj is not None:
+            x = x @ visual.proj
+        return x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
+
+    def _text_parts(self):
+        clip = self.clip
+        proj = clip.text_projection
+        project = proj if isinstance(proj, nn.Linear) else (lambda x: x @ proj)
+        return clip.token_embedding, clip.positional_embedding, clip.transformer, clip.ln_final, clip.attn_mask, \
+            project
+
+
+class GroupSegDenseBackbone(DenseBackbone):
+    """A pgseg GroupViT / PGSeg model: pixel features from the final group embeddings and the soft group maps."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.embed_dim = int(model.cfg.output_dim)
+        self.token_dim = int(model.cfg.text.width)
+        self.context_length = int(model.cfg.text.context_length)
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.logit_scale = float(model.logit_scale.detach().exp())
+        self.freeze()
+
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model.encode_image(images)
+        groups = F.normalize(out.group_embeds.float(), dim=-1)  # [B, G, D]
+        feats = out.group_maps[-1].float() @ groups  # [B, N, G] x [B, G, D] -> [B, N, D]
+        h, w = out.grid
+        return feats.transpose(1, 2).reshape(feats.shape[0], -1, h, w)
+
+    def _text_parts(self):
+        enc = self.model.text_encoder
+        return enc.token_embedding, enc.positional_embedding, enc.transformer, enc.ln_final, enc.attn_mask, \
+            self.model.text_projector
+
+    def encode_with_context(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        with self.model.attention_kernels(embeddings.device):
+            return super().encode_with_context(embeddings, tokens)
+
+
+def _load_clip(cfg: BackboneConfig) -> nn.Module:
+    import open_clip
+    if cfg.model_config is not None:
+        values = dict(cfg.model_config)
+        model = open_clip.CLIP(embed_dim=values.pop('embed_dim'), vision_cfg=values.pop('vision_cfg'),
+                               text_cfg=values.pop('text_cfg'), **values)
+    elif cfg.name:
+        model = open_clip.create_model(cfg.name, pretrained=None)
+    else:
+        raise ValueError('backbone.kind=clip needs backbone.name (an open_clip model name) or backbone.model_config')
+    if cfg.pretrained:
+        path = cfg.pretrained
+        if not os.path.isfile(path):  # an open_clip pretrained tag: only from the local cache
+            os.environ.setdefault('HF_HUB_OFFLINE', '1')
+            try:
+                path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained))
+            except Exception as exc:
+                raise FileNotFoundError(f'backbone.pretrained={cfg.pretrained!r} is neither a file nor an open_clip '
+                                        f'tag of {cfg.name!r} in the local cache ({exc})') from None
+        open_clip.load_checkpoint(model, path)
+    return model
+
+
+def build_backbone(cfg: BackboneConfig, model: nn.Module | None = None) -> DenseBackbone:
+    """A frozen backbone from its config (or around an already loaded pgseg ``model``)."""
+    if cfg.kind == 'pgseg':
+        if model is None:
+            if not cfg.checkpoint:
+                raise ValueError('backbone.kind=pgseg needs backbone.checkpoint (a pgseg checkpoint or official .pth)')
+            from ..checkpoint import find_latest, load_model
+            path = cfg.checkpoint
+            if os.path.isdir(path) and not os.path.isfile(os.path.join(path, 'model.safetensors')):
+                path = find_latest(path) or path  # a training run directory: its newest checkpoint
+            model = load_model(path)
+        backbone: DenseBackbone = GroupSegDenseBackbone(model)
+    elif cfg.kind == 'clip':
+        backbone = ClipDenseBackbone(model if model is not None else _load_clip(cfg))
+    else:
+        raise ValueError(f"backbone.kind must be 'pgseg' or 'clip', got {cfg.kind!r}")
+    if cfg.logit_scale is not None:
+        backbone.logit_scale = float(cfg.logit_scale)
+    return backbone

@@ -1,0 +1,96 @@
+"""Dense prediction with a prompt classifier (learned prompts or hand-written templates): mmcv-style rescale,
+sliding windows batched through the frozen backbone, refined log-probabilities averaged where windows overlap,
+bilinear resize to the original size, argmax over every class (seen and unseen)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..distributed import get_rank, get_world_size, is_main_process
+from ..eval.datasets import SegmentationDataset
+from ..eval.inference import window_slices
+from ..eval.metrics import confusion_matrix
+from .backbones import DenseBackbone
+from .learner import refined_log_probs
+from .protocols import seen_unseen_metrics
+
+__all__ = ['SlideSettings', 'predict_image', 'evaluate_seen_unseen']
+
+
+@dataclass
+class SlideSettings:
+    short_side: int = 512  # MaskCLIP+: test short side 512 (Context: 520), long side at most 2048
+    long_side: int = 2048
+    crop_size: int = 512
+    stride: int = 341
+    batch_windows: int = 16
+
+
+def _rescale(arr: np.ndarray, short_side: int, long_side: int) -> torch.Tensor:
+    h, w = arr.shape[:2]
+    scale = min(long_side / max(h, w), short_side / min(h, w))
+    size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    x = torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].float()
+    if size != (h, w):
+        x = F.interpolate(x, size=size, mode='bilinear', align_corners=False).round().clamp(0, 255)
+    return x / 255.0
+
+
+@torch.no_grad()
+def predict_image(backbone: DenseBackbone, classifier, text: torch.Tensor, image, settings: SlideSettings,
+                  device: torch.device | str = 'cpu', autocast_dtype: torch.dtype | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One RGB image -> (labels [H, W] over the classes of ``text``, log-probabilities [C, H, W])."""
+    arr = np.asarray(image.convert('RGB') if hasattr(image, 'convert') else image)
+    x = backbone.normalize(_rescale(arr, settings.short_side, settings.long_side).to(device))
+    S = settings.crop_size
+    _, _, H, W = x.shape
+    ph, pw = max(S - H, 0), max(S - W, 0)
+    x = F.pad(x, (0, pw, 0, ph))  # zeros = the mean colour after normalisation
+    rows, cols = window_slices(x.shape[2], S, settings.stride), window_slices(x.shape[3], S, settings.stride)
+    boxes = [(r, c) for r in rows for c in cols]
+    total = torch.zeros(text.shape[1], x.shape[2], x.shape[3], device=device)
+    count = torch.zeros(1, x.shape[2], x.shape[3], device=device)
+    for i in range(0, len(boxes), settings.batch_windows):
+        chunk = boxes[i:i + settings.batch_windows]
+        crops = torch.cat([x[:, :, r0:r1, c0:c1] for (r0, r1), (c0, c1) in chunk])
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            logits = classifier(backbone.dense_features(crops), text)
+        log_probs = refined_log_probs(logits, size=(S, S))
+        for lp, ((r0, r1), (c0, c1)) in zip(log_probs, chunk):
+            total[:, r0:r1, c0:c1] += lp
+            count[:, r0:r1, c0:c1] += 1
+    scores = (total / count)[:, :H, :W]
+    scores = F.interpolate(scores[None], size=arr.shape[:2], mode='bilinear', align_corners=False)[0]
+    return scores.argmax(dim=0), scores
+
+
+@torch.no_grad()
+def evaluate_seen_unseen(backbone: DenseBackbone, classifier, dataset: SegmentationDataset, unseen: list[int],
+                         settings: SlideSettings, device: torch.device | str = 'cpu',
+                         autocast_dtype: torch.dtype | None = None, limit: int | None = None,
+                         progress: bool = True, desc: str = '') -> dict:
+    """Every pixel classified over all the dataset's classes; dataset-level IoU; mIoU(S), mIoU(U), hIoU. Under
+    torchrun each rank takes images rank, rank + W, ... and the confusion matrices are summed."""
+    names = list(dataset.classes)
+    text = classifier.class_embeddings(backbone, names)
+    conf = torch.zeros(len(names), len(names), dtype=torch.int64)
+    indices = list(range(len(dataset)))[:limit][get_rank()::get_world_size()]
+    for i in tqdm(indices, desc=desc or dataset.spec.name, disable=not (progress and is_main_process()), unit='img',
+                  dynamic_ncols=True):
+        image, label, _ = dataset[i]
+        pred, _ = predict_image(backbone, classifier, text, image, settings, device, autocast_dtype)
+        conf += confusion_matrix(pred.cpu(), label, len(names))
+    if get_world_size() > 1:
+        import torch.distributed as dist
+        summed = conf.to(device)  # NCCL reduces GPU tensors only
+        dist.all_reduce(summed)
+        conf = summed.cpu()
+    out = seen_unseen_metrics(conf, names, unseen)
+    out.update(dataset=dataset.spec.name, split=dataset.split, num_images=len(list(range(len(dataset)))[:limit]))
+    return out
