@@ -27,7 +27,7 @@ from . import __version__
 from .checkpoint import CheckpointError, find_latest, load_checkpoint, load_model, load_state_into, save_checkpoint
 from .config import ConfigError, TrainConfig, config_to_yaml, load_config
 from .data.text import CaptionTokenizer
-from .data.transforms import TrainTransform
+from .data.transforms import TrainTransform, normalize_batch
 from .data.webdataset import StreamPosition, TrainStream, build_train_loader, expand_source
 from .distributed import broadcast_flag, get_rank, get_world_size, init_distributed, is_main_process
 from .engine import RunState, capture_rng, restore_rng, train_step
@@ -206,7 +206,7 @@ def _loop(cfg, ddp, model, stream, loader, optimizer, scheduler, scaler, state, 
         for images, tokens, info in loader:
             position.update(info)
             worker_skips[info['worker']] = info['skipped']
-            micro.append((images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)))
+            micro.append((normalize_batch(images.to(device, non_blocking=True)), tokens.to(device, non_blocking=True)))
             if fixed_batch is None:
                 fixed_batch = micro[-1][0][:8]
             if len(micro) < cfg.train.grad_accum_steps:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from pgseg.data.synthetic import SYNONYMS, SceneConfig, caption_for, render_scene
 from pgseg.data.synthetic_writers import scene_rng, write_caption_shards, write_segmentation_set
 from pgseg.data.text import CaptionTokenizer, extract_prompt_words
-from pgseg.data.transforms import TrainTransform, to_rgb
+from pgseg.data.transforms import TrainTransform, normalize_batch, to_rgb
 from pgseg.data.webdataset import TrainStream, expand_source
 
 
@@ -207,8 +207,20 @@ def test_draft_decoding_matches_full_decoding():
     fast = TrainTransform(64, 'official_pgseg', scale=(0.5, 1.0), use_draft=True)
     slow = TrainTransform(64, 'official_pgseg', scale=(0.5, 1.0), use_draft=False)
     a, b = fast(data, random.Random(4)), slow(data, random.Random(4))
-    assert a.shape == b.shape == (3, 64, 64)
+    assert a.shape == b.shape == (3, 64, 64) and a.dtype == torch.uint8
+    a, b = normalize_batch(a[None]), normalize_batch(b[None])
     assert (a - b).abs().mean() < 0.08  # the same crop; draft decoding differs only by resampling noise
+
+
+def test_worker_uint8_then_device_normalisation_equals_torchvision():
+    from torchvision.transforms import functional as TF
+
+    from pgseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_tensor, uint8_tensor
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    reference = TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.allclose(normalize_batch(uint8_tensor(img)[None])[0], reference, atol=1e-5)
+    assert torch.allclose(normalize_tensor(img), reference, atol=1e-5)
+    assert normalize_batch(reference[None]) is not None and torch.equal(normalize_batch(reference[None])[0], reference)
 
 
 def test_multi_label_prompts():
