@@ -92,8 +92,9 @@ class ModelConfig:
     multi_label: int = 0  # number of noun prompts per caption for GroupViT's multi-label loss; 0 = off
     multi_label_loss_weight: float = 1.0
     share_temperature: bool = False
-    # scaled-dot-product attention kernels: 'auto' = plain matmul+softmax on the CPU under bf16 autocast (about 1.5x
-    # faster there than the CPU flash kernel at these short sequences), PyTorch's fused choice otherwise;
+    # scaled-dot-product attention kernels: 'auto' = plain matmul+softmax when training on the CPU under bf16
+    # autocast (the CPU flash kernel's backward is slow at these sequence lengths), PyTorch's fused choice otherwise
+    # (also CPU inference, where the flash forward is 1.5x faster);
     # 'math' / 'fused' force one
     attention: Literal['auto', 'math', 'fused'] = 'auto'
 

@@ -226,3 +226,22 @@ def test_group_class_affinity_by_hand():
         for k in range(5):
             restricted = logits[g, top].softmax(0)[top.index(k)] if k in top else 0.0
             assert float(got[g, k]) == pytest.approx(float(restricted * logits[g].softmax(0)[k]), abs=1e-6)
+
+
+def test_activation_checkpointing_under_cpu_bf16_attention_matches():
+    """The CPU bf16 training path runs attention as plain matmuls; checkpointed blocks must be recomputed with the
+    same kernels (a different kernel saves different tensors and checkpointing refuses), in both towers."""
+    images, tokens = tiny_batch()
+    grads = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        model = pgseg.build_model(tiny_model_config()).train()
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(1)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss = model.compute_losses(images, tokens)['loss']
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-3, atol=1e-5), name

@@ -14,9 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ImageEncoderConfig
+from .checkpointing import checkpoint_same_kernels
 from .grouping import GroupingBlock, GroupingOutput, TokenMlp
 from .npr import ImagePrototypes
 from .projection import ProjectionMLP
@@ -101,7 +101,7 @@ class GroupingStage(nn.Module):
                 groups = groups + self.group_projector(prev_group_tokens)
             x = torch.cat([x, groups], dim=1)  # group tokens go after the image tokens
         for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+            x = checkpoint_same_kernels(blk, x) if self.grad_checkpointing and self.training else blk(x)
         if groups is not None:
             x, groups = x[:, :-self.num_group_tokens], x[:, -self.num_group_tokens:]
         if self.downsample is None:

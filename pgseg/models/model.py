@@ -98,7 +98,8 @@ class GroupSegModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            chunks = [self.encode_text(tokenize(prompts[i:i + batch_size], self.cfg.text.context_length).to(device))
+            chunks = [self.encode_text(_trim_padding(tokenize(prompts[i:i + batch_size],
+                                                              self.cfg.text.context_length)).to(device))
                       for i in range(0, len(prompts), batch_size)]
         finally:
             self.train(was_training)
@@ -125,10 +126,10 @@ class GroupSegModel(nn.Module):
         """The scaled-dot-product attention kernels for a forward pass (``model.attention``). The backward pass
         follows the kernels the forward chose, so only forward calls need this."""
         choice = self.cfg.attention
-        if choice == 'auto':
-            cpu_bf16 = (device.type == 'cpu' and torch.is_autocast_enabled('cpu')
-                        and torch.get_autocast_dtype('cpu') == torch.bfloat16)
-            choice = 'math' if cpu_bf16 else 'fused'
+        if choice == 'auto':  # CPU bf16 training: the flash kernel's backward is the slow part
+            cpu_bf16_training = (device.type == 'cpu' and torch.is_grad_enabled() and torch.is_autocast_enabled('cpu')
+                                 and torch.get_autocast_dtype('cpu') == torch.bfloat16)
+            choice = 'math' if cpu_bf16_training else 'fused'
         if choice == 'math':
             return sdpa_kernel(SDPBackend.MATH)
         if choice == 'fused':
@@ -242,6 +243,12 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[B, G, C] x [B, G', C] -> [B, G, G'] cosine similarity (no gradient needed: it only feeds the matching)."""
     with torch.no_grad(), torch.autocast(device_type=a.device.type, enabled=False):
         return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(1, 2)
+
+
+def _trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """[N, L] -> [N, L'] with L' = the last EOT position + 1. Exact for the EOT embedding: under the causal mask no
+    position attends to a later one, so padding after every EOT changes nothing (4-6x less work for prompts)."""
+    return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

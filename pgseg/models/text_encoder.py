@@ -7,6 +7,7 @@ import torch
 from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 
 from ..config import TextEncoderConfig
+from .checkpointing import checkpoint_same_kernels
 from .npr import ScalarTextPrototypes, TokenPrototypes
 
 __all__ = ['TextEncoder', 'SOT_TOKEN', 'EOT_TOKEN']
@@ -42,10 +43,21 @@ class TextEncoder(TextTransformer):
         if text.shape[1] > self.context_length:
             raise ValueError(f'text encoder: {text.shape[1]} tokens exceed the context length {self.context_length}')
         x = self.token_embedding(text) + self.positional_embedding[:text.shape[1]]
-        x = self.transformer(x, attn_mask=self.attn_mask[:text.shape[1], :text.shape[1]])
+        mask = self.attn_mask[:text.shape[1], :text.shape[1]]
+        if self._checkpointing and self.training and self.transformer.batch_first:
+            for block in self.transformer.resblocks:
+                x = checkpoint_same_kernels(block, x, None, None, mask)
+        else:
+            x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
         return pooled, x
+
+    _checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block, recomputed with the forward's attention kernels."""
+        self._checkpointing = enable
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         """text: [B, L] -> EOT features [B, C]."""

@@ -111,6 +111,7 @@ class DenseBackbone(nn.Module):
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Plain prompts -> projected embeddings [N, D] (the hand-written template baseline)."""
         tokens = self.tokenize(texts)
+        tokens = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]  # causal mask: padding after EOT changes nothing
         return self.encode_with_context(self.token_embeddings(tokens), tokens)
 
 

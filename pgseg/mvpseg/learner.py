@@ -109,6 +109,8 @@ class MultiViewPrompts(nn.Module):
         tokens = self._token_cache.get(key)
         if tokens is None or tokens.device != backbone.device:
             tokens = backbone.tokenize(self.prompt_texts(names))
+            # padding after the last EOT changes no EOT embedding under the causal mask: drop it once, here
+            tokens = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
             self._token_cache = {key: tokens}
         V, C, L = self.ctx.shape[0], tokens.shape[0], self.cfg.context_length
         with torch.no_grad():
