@@ -29,7 +29,7 @@ lint: install
 	$(PY) -m ruff check pgseg tests scripts
 
 bench: install
-	$(PY) scripts/benchmark.py model
+	$(PY) scripts/benchmark.py all
 
 clean-venv:
 	rm -rf $(VENV)

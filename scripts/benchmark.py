@@ -1,26 +1,45 @@
 #!/usr/bin/env python3
-"""pgseg benchmarks: figures, not pass/fail tests. Each mode prints a table and writes JSON.
+"""pgseg benchmarks: figures, not pass/fail tests. Each mode prints a table and writes ``<out-dir>/<mode>.json``.
 
-    python scripts/benchmark.py model [--config configs/pgseg_gcc_redcaps.yaml] [--batch 8] [--steps 5]
+    python scripts/benchmark.py peak                      # the machine's ceilings: matmul fp32 / bf16, copy bandwidth
+    python scripts/benchmark.py train [--batch 64]        # one training step of the paper-sized model, fp32 and bf16
+    python scripts/benchmark.py eval [--images 4]         # zero-shot segmentation, one pass vs --two-pass per crop
+    python scripts/benchmark.py data [--images 96]        # decode + augmentation of 512-pixel JPEG shards
+    python scripts/benchmark.py all                       # the four, in that order
 
-``model``: one training step of the paper-sized model (forward with every loss, backward, AdamW), in fp32 and bf16
-autocast, each in a fresh process so that peak memory is its own: median step time, images/s, the Hungarian
-matching's cost (solver time in the worker thread, and the time the step waited for it), peak memory (peak RSS on
-the CPU, peak allocated on a GPU).
+``peak``: large square matrix products (best of the sizes tried) and a large tensor copy (bytes read + written).
+``train``: forward with every loss, backward and AdamW, each precision in a fresh process (its own peak memory):
+median step time, images/s, peak memory, FLOPs per step counted from the operators' shapes
+(``torch.utils.flop_counter``: matrix products, convolutions, attention; forward and backward), achieved FLOP/s and
+its fraction of the bf16 matmul ceiling measured in the same run; NPR's share of the step (the step with and without
+NPR, interleaved, same process: EM, matching, HRS and the prototype losses), EM's forward time alone, and the share
+spent in the losses' all-gathers (``--nproc 2`` runs the step under torchrun with gloo to measure it).
+``eval``: crops/s and images/s on VOC-sized (500x375) images at the official protocol, one encoder pass per crop;
+``--two-pass`` (or ``compare``, the default) also runs the released code's two passes (one for the group maps, one
+for the embeddings) for the ratio; and the time to build text embeddings for 171 classes x 80 templates.
+``data``: images/s per worker of decode + ``official_pgseg`` augmentation (512 -> 224) with and without JPEG draft
+decoding, plain decode for reference, and the time to the first batch of a 2-worker loader.
+The same script runs on a GPU (``--device cuda``): CUDA synchronisation around timings, bf16, ``--compile``.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
 
 
 def _sync(device: torch.device) -> None:
@@ -28,112 +47,410 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure_train_step(config: str, batch: int, steps: int, warmup: int, precision: str, device: str,
-                       npr_variant: str | None) -> dict:
+def _timed(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of ``fn()`` over ``reps`` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {'machine': platform.machine(), 'processor': platform.processor(), 'cpu_count': os.cpu_count(),
+            'threads': torch.get_num_threads(), 'torch': torch.__version__, 'device': str(device)}
+    if device.type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name()
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------- peak
+def measure_peak(device: torch.device, reps: int = 5) -> dict:
+    sizes = [8192] if device.type == 'cuda' else [1024, 2048, 4096]
+    out = {'matmul_gflops': {}, 'matmul_by_size': {}}
+    for name, dtype in (('fp32', torch.float32), ('bf16', torch.bfloat16)):
+        best = 0.0
+        for n in sizes:
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+            s = _timed(lambda a=a, b=b: a @ b, device, reps)
+            rate = 2 * n ** 3 / s / 1e9
+            out['matmul_by_size'][f'{name}_{n}'] = rate
+            best = max(best, rate)
+        out['matmul_gflops'][name] = best
+    numel = (1 << 28) // 4  # 256 MiB of float32
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    s = _timed(lambda: dst.copy_(src), device, reps)
+    out['copy_gbytes_per_s'] = 2 * src.numel() * 4 / s / 1e9  # read + write
+    return out
+
+
+def mode_peak(args) -> dict:
+    device = torch.device(args.device)
+    r = measure_peak(device)
+    print(f"\npeak ({machine_info(device)['device']}, {torch.get_num_threads()} threads)\n")
+    print(f"{'matmul fp32':<22}{r['matmul_gflops']['fp32']:>10.1f} GFLOP/s")
+    print(f"{'matmul bf16':<22}{r['matmul_gflops']['bf16']:>10.1f} GFLOP/s")
+    print(f"{'copy (read + write)':<22}{r['copy_gbytes_per_s']:>10.1f} GB/s")
+    print('by size: ' + ', '.join(f'{k} {v:.0f}' for k, v in r['matmul_by_size'].items()))
+    return {'mode': 'peak', **machine_info(device), **r}
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+class _Timer:
+    """Wraps a function; accumulates its wall time (device-synchronised) while ``active``."""
+
+    def __init__(self, fn, device):
+        self.fn, self.device, self.total, self.active = fn, device, 0.0, False
+
+    def __call__(self, *a, **k):
+        if not self.active:
+            return self.fn(*a, **k)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.fn(*a, **k)
+        _sync(self.device)
+        self.total += time.perf_counter() - t0
+        return out
+
+
+def _set_npr(model, enabled: bool) -> None:
+    """Turn NPR's work off (no EM iterations, no matching, no prototype losses) or back on, on a built model."""
+    if not hasattr(model, '_npr_iters'):
+        model._npr_iters = {m: m.num_iters for m in model.modules() if hasattr(m, 'num_iters')}
+    for m, iters in model._npr_iters.items():
+        m.num_iters = iters if enabled else 0
+    model.is_pgseg = enabled and model.cfg.arch == 'pgseg'
+
+
+def measure_train_step(args) -> dict:
     import pgseg
+    import pgseg.losses
+    import pgseg.models.npr
+    from pgseg.distributed import get_rank, get_world_size, init_distributed
     from pgseg.models import matching
 
-    dev = torch.device(device)
+    device, _ = init_distributed() if 'RANK' in os.environ else (torch.device(args.device), 0)
     torch.manual_seed(0)
-    cfg = pgseg.load_config(config).model
-    if npr_variant:
-        cfg.npr.variant = npr_variant
-    model = pgseg.build_model(cfg).to(dev).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    cfg = pgseg.load_config(args.config).model
+    if args.npr_variant:
+        cfg.npr.variant = args.npr_variant
+    cfg.image.grad_checkpointing = args.grad_checkpointing
+    model = pgseg.build_model(cfg).to(device).train()
+    if device.type == 'cuda' and get_world_size() > 1:
+        model.convert_sync_batchnorm()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     size = cfg.image.img_size
-    images = torch.randn(batch, 3, size, size, device=dev)
-    captions = [f'a photo of {i} red circles and a blue square on the grass' for i in range(batch)]
-    tokens = pgseg.tokenize(captions, cfg.text.context_length).to(dev)
-    dtype = {'fp32': None, 'bf16': torch.bfloat16}[precision]
-    times, fwd_times, match_solve, match_wait = [], [], [], []
-    if dev.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        matching.MATCH_TIMING.update(solve_s=0.0, wait_s=0.0, problems=0)
-        _sync(dev)
-        t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            losses = model.compute_losses(images, tokens)
-        _sync(dev)
-        t1 = time.perf_counter()
+    images = torch.randn(args.batch, 3, size, size, device=device)
+    captions = [f'a photo of {i} red circles and a blue square on the grass' for i in range(args.batch)]
+    tokens = pgseg.tokenize(captions, cfg.text.context_length).to(device)
+    dtype = {'fp32': None, 'bf16': torch.bfloat16}[args.precision]
+    forward = torch.compile(model) if args.compile else model
+
+    em_timer = _Timer(pgseg.models.npr.em_prototypes, device)
+    pgseg.models.npr.em_prototypes = em_timer
+    gather_timer = _Timer(pgseg.losses.all_gather_with_grad, device)
+    pgseg.losses.all_gather_with_grad = gather_timer
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            losses = forward(images, tokens)
         losses['loss'].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(dev)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            times.append(t2 - t0)
-            fwd_times.append(t1 - t0)
-            match_solve.append(matching.MATCH_TIMING['solve_s'])
-            match_wait.append(matching.MATCH_TIMING['wait_s'])
-    step = statistics.median(times)
-    if dev.type == 'cuda':
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-        peak_kind = 'cuda max_memory_allocated'
+        return losses
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    with_npr, without_npr, em, gathers, match_wait = [], [], [], [], []
+    for _ in range(args.steps):
+        for enabled in ((True, False) if cfg.arch == 'pgseg' and not args.compile else (True,)):
+            _set_npr(model, enabled)
+            em_timer.total = gather_timer.total = 0.0
+            em_timer.active = gather_timer.active = enabled
+            matching.MATCH_TIMING.update(solve_s=0.0, wait_s=0.0, problems=0)
+            _sync(device)
+            t0 = time.perf_counter()
+            losses = step()
+            _sync(device)
+            elapsed = time.perf_counter() - t0
+            em_timer.active = gather_timer.active = False
+            if enabled:
+                with_npr.append(elapsed)
+                em.append(em_timer.total)
+                gathers.append(gather_timer.total)
+                match_wait.append(matching.MATCH_TIMING['wait_s'])
+            else:
+                without_npr.append(elapsed)
+    _set_npr(model, True)
+    step_s = statistics.median(with_npr)
+
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    if device.type == 'cuda':
+        peak_mb, peak_kind = torch.cuda.max_memory_allocated() / 2**20, 'cuda max_memory_allocated'
     else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peak_kind = 'process peak RSS'
-    return {
-        'precision': precision, 'batch': batch, 'device': device, 'npr_variant': cfg.npr.variant,
-        'params': sum(p.numel() for p in model.parameters()),
-        'step_s_median': step, 'step_s_all': times, 'forward_s_median': statistics.median(fwd_times),
-        'images_per_s': batch / step,
-        'match_solve_s_median': statistics.median(match_solve), 'match_wait_s_median': statistics.median(match_wait),
-        'match_solve_share': statistics.median(match_solve) / step,
-        'match_wait_share': statistics.median(match_wait) / step,
+        peak_mb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'process peak RSS'
+    result = {
+        'precision': args.precision, 'batch': args.batch, 'device': str(device), 'world_size': get_world_size(),
+        'npr_variant': cfg.npr.variant, 'grad_checkpointing': args.grad_checkpointing, 'compile': args.compile,
+        'threads': torch.get_num_threads(), 'params': sum(p.numel() for p in model.parameters()),
+        'step_s_median': step_s, 'step_s_all': with_npr, 'images_per_s': args.batch / step_s,
+        'flops_per_step': flops, 'achieved_gflops': flops / step_s / 1e9,
+        'step_without_npr_s_median': statistics.median(without_npr) if without_npr else None,
+        'npr_share': (step_s - statistics.median(without_npr)) / step_s if without_npr else None,
+        'em_forward_share': statistics.median(em) / step_s, 'gather_share': statistics.median(gathers) / step_s,
+        'match_wait_share': statistics.median(match_wait) / step_s,
         'peak_memory_mb': peak_mb, 'peak_memory_kind': peak_kind,
         'final_losses': {k: float(v.detach()) for k, v in losses.items()},
     }
+    return result if get_rank() == 0 else {}
 
 
-def mode_model(args) -> dict:
+def mode_train(args, peak: dict | None = None) -> dict:
+    device = torch.device(args.device)
+    peak = peak or measure_peak(device)
+    ceiling = peak['matmul_gflops']['bf16']
     results = []
     for precision in args.precisions:
-        cmd = [sys.executable, __file__, '_step', '--config', args.config, '--batch', str(args.batch),
-               '--steps', str(args.steps), '--warmup', str(args.warmup), '--precision', precision,
-               '--device', args.device] + (['--npr-variant', args.npr_variant] if args.npr_variant else [])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"\nmodel: {os.path.basename(args.config)}, {results[0]['params']:,} parameters, batch {args.batch}, "
-          f"device {args.device}, NPR variant {results[0]['npr_variant']}, torch {torch.__version__}, "
-          f'{torch.get_num_threads()} threads\n')
-    head = f"{'precision':<10}{'step s':>9}{'fwd s':>9}{'img/s':>8}{'match solve':>13}{'match wait':>12}{'peak MB':>10}"
+        cmd = [__file__, '_step', '--config', args.config, '--batch', str(args.batch), '--steps', str(args.steps),
+               '--warmup', str(args.warmup), '--precision', precision, '--device', args.device]
+        cmd += (['--npr-variant', args.npr_variant] if args.npr_variant else [])
+        cmd += (['--grad-checkpointing'] if args.grad_checkpointing else []) + (['--compile'] if args.compile else [])
+        if args.nproc > 1:
+            cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(args.nproc)] + cmd
+            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.nproc)))
+        else:
+            cmd, env = [sys.executable] + cmd, None
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        rows = [json.loads(line) for line in out.strip().splitlines() if line.startswith('{') and line != '{}']
+        results.append(rows[-1])
+    first = results[0]
+    print(f"\ntrain: {os.path.basename(args.config)}, {first['params']:,} parameters, batch {args.batch} per process x "
+          f"{first['world_size']}, NPR {first['npr_variant']}, activation checkpointing "
+          f"{'on' if args.grad_checkpointing else 'off'}, {first['threads']} threads, torch {torch.__version__}")
+    print(f"ceilings measured in this run: matmul bf16 {ceiling:.0f} GFLOP/s, fp32 "
+          f"{peak['matmul_gflops']['fp32']:.0f} GFLOP/s; {first['flops_per_step'] / 1e9:.1f} GFLOP per step\n")
+    head = (f"{'precision':<10}{'step s':>8}{'img/s':>8}{'GFLOP/s':>9}{'of bf16':>9}{'NPR':>7}{'EM fwd':>8}"
+            f"{'gather':>8}{'peak MB':>9}")
     print(head)
     print('-' * len(head))
     for r in results:
-        print(f"{r['precision']:<10}{r['step_s_median']:>9.3f}{r['forward_s_median']:>9.3f}"
-              f"{r['images_per_s']:>8.2f}{100 * r['match_solve_share']:>12.2f}%"
-              f"{100 * r['match_wait_share']:>11.2f}%{r['peak_memory_mb']:>10.0f}")
-    if len(results) == 2:
-        print(f"\nbf16 / fp32 speed-up: {results[0]['step_s_median'] / results[1]['step_s_median']:.2f}x")
-    return {'mode': 'model', 'machine': platform.machine(), 'cpu_count': os.cpu_count(), 'results': results}
+        r['fraction_of_bf16_peak'] = r['achieved_gflops'] / ceiling
+        npr = f"{100 * r['npr_share']:.1f}%" if r['npr_share'] is not None else '-'
+        print(f"{r['precision']:<10}{r['step_s_median']:>8.3f}{r['images_per_s']:>8.2f}{r['achieved_gflops']:>9.1f}"
+              f"{100 * r['fraction_of_bf16_peak']:>8.1f}%{npr:>7}{100 * r['em_forward_share']:>7.1f}%"
+              f"{100 * r['gather_share']:>7.1f}%{r['peak_memory_mb']:>9.0f}")
+    speedup = None
+    if {'fp32', 'bf16'} <= {r['precision'] for r in results}:
+        by = {r['precision']: r for r in results}
+        speedup = by['fp32']['step_s_median'] / by['bf16']['step_s_median']
+        print(f'\nbf16 / fp32 speed-up: {speedup:.2f}x')
+    return {'mode': 'train', **machine_info(device), 'peak': peak, 'config': args.config, 'results': results,
+            'bf16_speedup': speedup}
+
+
+# ---------------------------------------------------------------------------------------------------------- eval
+class TwoPass(torch.nn.Module):
+    """The released evaluation's cost: the image encoder runs once for the group maps and once more for the
+    embeddings of every crop. Same outputs as one pass; for the benchmark's comparison only."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.logit_scale = model.logit_scale
+
+    def encode_image(self, images, with_group_embeds: bool = True):
+        maps = self.model.encode_image(images, with_group_embeds=False)
+        out = self.model.encode_image(images, with_group_embeds=with_group_embeds)
+        out.group_maps = maps.group_maps
+        return out
+
+
+def mode_eval(args) -> dict:
+    import pgseg
+    from pgseg.eval.classes import COCO_STUFF
+    from pgseg.eval.inference import predict_labels, window_slices
+    from pgseg.eval.protocols import get_protocol
+    from pgseg.prompts import get_templates
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = pgseg.build_model(pgseg.load_config(args.config).model).to(device).eval()
+    dtype = torch.bfloat16 if args.precision == 'bf16' else None
+    protocol = get_protocol('pgseg')
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (375, 500, 3), dtype=np.uint8) for _ in range(args.images)]
+    scale = protocol.short_side / 375
+    h, w = int(375 * scale + 0.5), int(500 * scale + 0.5)
+    crops_per_image = len(window_slices(h, protocol.crop_size, protocol.stride)) * \
+        len(window_slices(w, protocol.crop_size, protocol.stride))
+    templates = get_templates('full')
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        _sync(device)
+        t0 = time.perf_counter()
+        class_embeds = model.class_embeddings(list(COCO_STUFF), templates).to(device)
+        _sync(device)
+        text_s = time.perf_counter() - t0
+    voc_embeds = class_embeds[:20]
+    results = {}
+    kinds = {'one_pass': model, 'two_pass': TwoPass(model)}
+    for name in (['one_pass', 'two_pass'] if args.two_pass in ('compare', 'on') else ['one_pass']):
+        runner = kinds[name]
+        predict_labels(runner, images[0], voc_embeds, 0.95, True, protocol, device, dtype)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for img in images:
+            predict_labels(runner, img, voc_embeds, 0.95, True, protocol, device, dtype)
+        _sync(device)
+        s = time.perf_counter() - t0
+        results[name] = {'seconds': s, 'images_per_s': len(images) / s,
+                         'crops_per_s': len(images) * crops_per_image / s}
+    print(f"\neval: {os.path.basename(args.config)}, protocol {protocol.describe()}, {len(images)} images of 500x375 "
+          f"({crops_per_image} crops each at short side {protocol.short_side}), {args.precision}\n")
+    print(f"{'':<12}{'crops/s':>10}{'images/s':>10}")
+    for name, r in results.items():
+        print(f"{name:<12}{r['crops_per_s']:>10.3f}{r['images_per_s']:>10.3f}")
+    ratio = results['one_pass']['crops_per_s'] / results['two_pass']['crops_per_s'] if 'two_pass' in results else None
+    if ratio:
+        print(f'\none pass / two passes: {ratio:.2f}x')
+    print(f'text embeddings, {len(COCO_STUFF)} classes x {len(templates)} templates: {text_s:.2f} s')
+    return {'mode': 'eval', **machine_info(device), 'config': args.config, 'precision': args.precision,
+            'protocol': protocol.describe(), 'num_images': len(images), 'crops_per_image': crops_per_image,
+            'results': results, 'one_vs_two_pass': ratio, 'text_embedding_s': text_s,
+            'text_prompts': len(COCO_STUFF) * len(templates)}
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def _write_jpeg_shards(folder: str, num: int, size: int = 512, per_shard: int = 48) -> str:
+    """img2dataset-like shards of ``size``-pixel synthetic JPEGs (cached in ``folder``); returns the brace pattern."""
+    from pgseg.data.synthetic import SceneConfig
+    from pgseg.data.synthetic_writers import write_caption_shards
+    if not os.path.isfile(os.path.join(folder, 'sizes.json')):
+        write_caption_shards(folder, num, seed=7, samples_per_shard=per_shard, scene=SceneConfig(size=size),
+                             progress=False)
+    shards = (num + per_shard - 1) // per_shard
+    return os.path.join(folder, f'{{00000..{shards - 1:05d}}}.tar')
+
+
+def mode_data(args) -> dict:
+    import tarfile
+
+    from PIL import Image
+
+    from pgseg.data.text import CaptionTokenizer
+    from pgseg.data.transforms import TrainTransform
+    from pgseg.data.webdataset import TrainStream, build_train_loader, expand_source
+
+    folder = os.path.join(args.out_dir, f'jpeg512_{args.images}')
+    pattern = _write_jpeg_shards(folder, args.images)
+    blobs = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith('.tar'):
+            with tarfile.open(os.path.join(folder, name)) as tar:
+                blobs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith('.jpg')]
+    torch.set_num_threads(1)  # a data worker's setting
+    rates = {}
+    for augment, scale in (('official_pgseg', (0.08, 1.0)), ('official_pgseg_large', (0.8, 1.0)), ('none', None)):
+        for draft in (False, True):
+            transform = TrainTransform(224, augment.replace('_large', ''), scale or (0.08, 1.0), use_draft=draft)
+            best = 0.0
+            for _ in range(args.repeats):
+                rng = random.Random(0)
+                t0 = time.perf_counter()
+                for b in blobs:
+                    transform(b, rng)
+                best = max(best, len(blobs) / (time.perf_counter() - t0))
+            rates[f"{augment}_{'draft' if draft else 'plain'}"] = best
+    t0 = time.perf_counter()
+    for b in blobs:
+        Image.open(io.BytesIO(b)).convert('RGB')
+    rates['decode_only'] = len(blobs) / (time.perf_counter() - t0)
+    source = expand_source('bench', pattern, None, 1.0)
+    stream = TrainStream([source], TrainTransform(224, 'official_pgseg'), CaptionTokenizer(77), batch_size=64,
+                         steps_per_epoch=2, seed=0, num_workers=2, shuffle_buffer=64, resampled=True)
+    t0 = time.perf_counter()
+    next(iter(build_train_loader(stream, 2)))
+    first_batch_s = time.perf_counter() - t0
+    speedups = {a: rates[f'{a}_draft'] / rates[f'{a}_plain'] for a in ('official_pgseg', 'official_pgseg_large',
+                                                                         'none')}
+    print(f'\ndata: {len(blobs)} synthetic 512x512 JPEGs in img2dataset shards, decode + augmentation to 224, '
+          f'one thread (a worker), images/s\n')
+    print(f"{'pipeline':<52}{'plain':>8}{'draft':>8}{'ratio':>8}")
+    labels = {'official_pgseg': 'official_pgseg (random crop, scale 0.08-1)',
+              'official_pgseg_large': 'official_pgseg, large crops only (scale 0.8-1)',
+              'none': 'resize whole image (augment none)'}
+    for a, label in labels.items():
+        print(f"{label:<52}{rates[a + '_plain']:>8.1f}{rates[a + '_draft']:>8.1f}{speedups[a]:>7.2f}x")
+    print(f"{'decode only (full size)':<52}{rates['decode_only']:>8.1f}")
+    speedup = speedups['official_pgseg']
+    print(f'time to first batch (64 images, 2 workers): {first_batch_s:.2f} s')
+    return {'mode': 'data', **machine_info(torch.device('cpu')), 'images': len(blobs), 'rates': rates,
+            'draft_speedup': speedup, 'draft_speedups': speedups, 'first_batch_s': first_batch_s}
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def _write(result: dict, out_dir: str, mode: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f'{mode}.json')
+    with open(path, 'w') as f:
+        json.dump(result, f, indent=2)
+    print(f'wrote {path}')
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='mode', required=True)
-    model = sub.add_parser('model', help='training step of the paper-sized model, fp32 and bf16')
+    modes = {m: sub.add_parser(m) for m in ('peak', 'train', 'eval', 'data', 'all')}
+    modes['model'] = sub.add_parser('model', help='the former name of train')
     step = sub.add_parser('_step', help=argparse.SUPPRESS)
-    for p in (model, step):
-        p.add_argument('--config', default='configs/pgseg_gcc_redcaps.yaml')
-        p.add_argument('--batch', type=int, default=8)
-        p.add_argument('--steps', type=int, default=5)
-        p.add_argument('--warmup', type=int, default=2)
+    for p in list(modes.values()) + [step]:
         p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+        p.add_argument('--config', default='configs/pgseg_gcc_redcaps.yaml')
+        p.add_argument('--out-dir', default='runs/benchmark')
+    for p in (modes['train'], modes['model'], modes['all'], step):
+        p.add_argument('--batch', type=int, default=64)
+        p.add_argument('--steps', type=int, default=3)
+        p.add_argument('--warmup', type=int, default=1)
         p.add_argument('--npr-variant', choices=['reference', 'paper'], default=None)
-    model.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
-    model.add_argument('--out', default='runs/benchmark/model.json')
+        p.add_argument('--grad-checkpointing', action='store_true', help='activation checkpointing of every block')
+        p.add_argument('--compile', action='store_true', help='torch.compile the model (GPU)')
+        p.add_argument('--nproc', type=int, default=1, help='processes (torchrun, gloo on the CPU)')
+        p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
     step.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32')
+    for p in (modes['eval'], modes['all']):
+        p.add_argument('--images', type=int, default=4)
+        p.add_argument('--precision', choices=['fp32', 'bf16'], default='bf16')
+        p.add_argument('--two-pass', choices=['compare', 'on', 'off'], default='compare',
+                       help='also run the two-pass evaluation for the ratio (compare), or not (off)')
+    modes['data'].add_argument('--images', type=int, default=96)
+    for p in (modes['data'], modes['all']):
+        p.add_argument('--repeats', type=int, default=3)
     args = parser.parse_args(argv)
     if args.mode == '_step':
-        print(json.dumps(measure_train_step(args.config, args.batch, args.steps, args.warmup, args.precision,
-                                            args.device, args.npr_variant)))
+        print(json.dumps(measure_train_step(args)))
         return 0
-    result = mode_model(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(result, f, indent=2)
-    print(f'\nwrote {args.out}')
+    if args.mode == 'all':
+        peak = mode_peak(args)
+        _write(peak, args.out_dir, 'peak')
+        _write(mode_train(args, peak), args.out_dir, 'train')
+        _write(mode_eval(args), args.out_dir, 'eval')
+        args.images = 96
+        _write(mode_data(args), args.out_dir, 'data')
+        return 0
+    mode = 'train' if args.mode == 'model' else args.mode
+    result = {'peak': mode_peak, 'train': mode_train, 'eval': mode_eval, 'data': mode_data}[mode](args)
+    _write(result, args.out_dir, mode)
     return 0
 
 
