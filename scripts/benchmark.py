@@ -429,7 +429,7 @@ def main(argv=None) -> int:
         p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
     step.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32')
     for p in (modes['eval'], modes['all']):
-        p.add_argument('--images', type=int, default=4)
+        p.add_argument('--images', type=int, default=10)
         p.add_argument('--precision', choices=['fp32', 'bf16'], default='bf16')
         p.add_argument('--two-pass', choices=['compare', 'on', 'off'], default='compare',
                        help='also run the two-pass evaluation for the ratio (compare), or not (off)')

@@ -49,3 +49,12 @@ def test_overlapping_windows_average():
     torch.testing.assert_close(slide[..., :16], left[..., :16])  # covered by the first window only
     torch.testing.assert_close(slide[..., 16:32], (left[..., 16:32] + right[..., :16]) / 2)
     torch.testing.assert_close(slide[..., 32:], right[..., 16:])
+
+
+def test_channel_argmax_equals_argmax_including_ties():
+    from pgseg.eval.inference import channel_argmax
+    x = torch.randn(2, 8, 9, 7)
+    x[0, 2, 1, 1] = x[0, 6, 1, 1] = 50.0  # a tie: the first index wins, as torch.argmax
+    x[1, :, 3, 3] = 0.0  # all equal
+    assert torch.equal(channel_argmax(x), x.argmax(dim=1))
+    assert channel_argmax(x)[0, 1, 1] == 2 and channel_argmax(x)[1, 3, 3] == 0
