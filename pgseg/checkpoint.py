@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ['UnsafeCheckpointError', 'CheckpointError', 'LoadReport', 'read_official_checkpoint',
            'model_config_from_official', 'infer_model_config', 'load_state_into', 'save_checkpoint',
-           'load_checkpoint', 'load_model', 'find_latest', 'NPR_ONLY_KEY']
+           'load_checkpoint', 'load_model', 'find_latest', 'prune_checkpoints', 'NPR_ONLY_KEY']
 
 WEIGHTS_NAME, CONFIG_NAME, STATE_NAME = 'model.safetensors', 'config.yaml', 'train_state.pt'
 # Keys a GroupViT file lacks when loaded into the PGSeg architecture (reference-spec §7.4), plus pgseg's paper buffers.
@@ -364,17 +364,26 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
     return state, model_cfg, train_state
 
 
-def find_latest(run_dir: str | os.PathLike) -> str | None:
-    """The newest complete checkpoint directory ``ckpt-<step>`` in ``run_dir`` (by step), or None."""
+def find_latest(run_dir: str | os.PathLike, marker: str = WEIGHTS_NAME) -> str | None:
+    """The newest complete checkpoint directory ``ckpt-<step>`` in ``run_dir`` (by step; complete = it holds
+    ``marker``), or None."""
     run_dir = os.fspath(run_dir)
     if not os.path.isdir(run_dir):
         return None
     found = []
     for name in os.listdir(run_dir):
         m = re.fullmatch(r'ckpt-(\d+)', name)
-        if m and _is_pgseg_dir(os.path.join(run_dir, name)):
+        if m and os.path.isfile(os.path.join(run_dir, name, marker)):
             found.append((int(m.group(1)), os.path.join(run_dir, name)))
     return max(found)[1] if found else None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` ``ckpt-<step>`` directories (``ckpt-best`` and others stay)."""
+    run_dir = os.fspath(run_dir)
+    steps = sorted((int(n[5:]), n) for n in os.listdir(run_dir) if n.startswith('ckpt-') and n[5:].isdigit())
+    for _, old in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- public entry points

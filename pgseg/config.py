@@ -17,7 +17,7 @@ from omegaconf import errors as oc_errors
 __all__ = [
     'ConfigError', 'ImageEncoderConfig', 'TextEncoderConfig', 'NPRConfig', 'ModelConfig', 'DataSourceConfig',
     'DataConfig', 'OptimConfig', 'TrainLoopConfig', 'LogConfig', 'CheckpointConfig', 'EvalConfig', 'TrainConfig',
-    'load_config', 'load_structured', 'load_model_config', 'model_config_from_dict', 'config_to_yaml',
+    'load_config', 'load_structured', 'load_model_config', 'model_config_from_dict', 'config_to_dict', 'config_to_yaml',
 ]
 
 
@@ -270,6 +270,11 @@ def load_model_config(path: str | os.PathLike | None = None, overrides: Sequence
 
 def model_config_from_dict(values: dict, where: str = 'model config') -> ModelConfig:
     return _merge(ModelConfig, [(where, OmegaConf.create(values))])
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The resolved plain dict of a config dataclass (for wandb and JSON)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
 def config_to_yaml(cfg: Any) -> str:

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -24,8 +23,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import CheckpointError, find_latest, load_checkpoint, load_model, load_state_into, save_checkpoint
-from .config import ConfigError, TrainConfig, config_to_yaml, load_config
+from .checkpoint import (
+    CheckpointError,
+    find_latest,
+    load_checkpoint,
+    load_model,
+    load_state_into,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from .config import ConfigError, TrainConfig, config_to_dict, config_to_yaml, load_config
 from .data.text import CaptionTokenizer
 from .data.transforms import TrainTransform, normalize_batch
 from .data.webdataset import StreamPosition, TrainStream, build_train_loader, expand_source
@@ -87,14 +94,9 @@ class CheckpointWriter:
                            'ranks': ranks, 'world_size': get_world_size()}
             path = os.path.join(self.run_dir, name or f'ckpt-{state.step:08d}')
             save_checkpoint(path, model, cfg, train_state=train_state)
-            self._prune()
+            prune_checkpoints(self.run_dir, self.keep_last)
         if get_world_size() > 1:
             dist.barrier()
-
-    def _prune(self) -> None:
-        steps = sorted(n for n in os.listdir(self.run_dir) if n.startswith('ckpt-') and n[5:].isdigit())
-        for old in steps[:-self.keep_last] if self.keep_last > 0 else []:
-            shutil.rmtree(os.path.join(self.run_dir, old), ignore_errors=True)
 
 
 def _stop_requested(state: RunState, cfg: TrainConfig, start: float, total_steps: int) -> bool:
@@ -183,7 +185,7 @@ def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:
     writer = CheckpointWriter(run_dir, cfg.checkpoint.keep_last)
     logger = MetricsLogger(run_dir, enabled=is_main_process(), wandb_mode=cfg.log.wandb_mode,
                            project=cfg.log.wandb_project, name=cfg.log.wandb_name, tags=cfg.log.wandb_tags,
-                           config=json.loads(json.dumps(_plain_config(cfg))), resume_id=state.wandb_id)
+                           config=json.loads(json.dumps(config_to_dict(cfg))), resume_id=state.wandb_id)
     state.wandb_id = logger.wandb_id or state.wandb_id
     log.info('%d steps (%d per epoch), global batch %d, %d parameters, device %s, world %d', total_steps,
              steps_per_epoch, global_batch, sum(p.numel() for p in model.parameters()), device, world)
@@ -305,11 +307,6 @@ def _run_eval(eval_hook, model, state, cfg, optimizer, scheduler, scaler, positi
     if score is not None and (state.best_metric is None or score > state.best_metric):
         state.best_metric = float(score)
         writer.save(model, cfg, optimizer, scheduler, scaler, state, position, name='ckpt-best')
-
-
-def _plain_config(cfg: TrainConfig) -> dict:
-    from omegaconf import OmegaConf
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from open_clip.tokenizer import tokenize as _clip_tokenize
 
-__all__ = ['tokenize', 'extract_prompt_words', 'CaptionTokenizer']
+__all__ = ['tokenize', 'trim_padding', 'extract_prompt_words', 'CaptionTokenizer']
 
 
 def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Tensor:
@@ -20,6 +20,13 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Tens
     if isinstance(texts, str):
         texts = [texts]
     return _clip_tokenize(list(texts), context_length=context_length).long()
+
+
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """[N, L] -> [N, L'] with L' = the last EOT position + 1 (EOT is the largest id). Exact for EOT embeddings of a
+    causal text transformer: no position attends to a later one, so padding after every EOT changes nothing; prompts
+    then cost 4-6x less. One host read of the lengths."""
+    return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
 
 
 # Function words and common adjectives. GroupViT keeps the words nltk tags as nouns or verbs; without a tagger

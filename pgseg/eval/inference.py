@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ..losses import clamp_logit_scale
 
 __all__ = ['window_slices', 'channel_argmax', 'group_class_affinity', 'crop_logits', 'slide_logits',
-           'preprocess_image', 'predict_labels', 'pamr']
+           'rescale_image', 'preprocess_image', 'predict_labels', 'pamr']
 
 
 def window_slices(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
@@ -116,8 +116,8 @@ MMSEG_MEAN = (123.675, 116.28, 103.53)
 MMSEG_STD = (58.395, 57.12, 57.375)
 
 
-def preprocess_image(image, short_side: int = 448, long_side: int = 2048) -> torch.Tensor:
-    """RGB PIL image or uint8 [H, W, 3] -> normalised [1, 3, h, w], resized as mmcv's ``imrescale``: scale =
+def rescale_image(image, short_side: int = 448, long_side: int = 2048) -> torch.Tensor:
+    """RGB PIL image or uint8 [H, W, 3] -> float [1, 3, h, w] in 0..255, resized as mmcv's ``imrescale``: scale =
     min(long_side / long edge, short_side / short edge), sizes rounded, bilinear without antialiasing, back to uint8."""
     arr = np.asarray(image.convert('RGB') if hasattr(image, 'convert') else image)
     h, w = arr.shape[:2]
@@ -126,6 +126,12 @@ def preprocess_image(image, short_side: int = 448, long_side: int = 2048) -> tor
     x = torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].float()
     if size != (h, w):
         x = F.interpolate(x, size=size, mode='bilinear', align_corners=False).round().clamp(0, 255)
+    return x
+
+
+def preprocess_image(image, short_side: int = 448, long_side: int = 2048) -> torch.Tensor:
+    """:func:`rescale_image`, then mmseg's normalisation -> [1, 3, h, w]."""
+    x = rescale_image(image, short_side, long_side)
     mean = torch.tensor(MMSEG_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(MMSEG_STD).view(1, 3, 1, 1)
     return (x - mean) / std

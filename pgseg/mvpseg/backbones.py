@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.text import tokenize
+from ..data.text import tokenize, trim_padding
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ['BackboneConfig', 'DenseBackbone', 'ClipDenseBackbone', 'GroupSegDenseBackbone', 'build_backbone',
@@ -110,8 +110,7 @@ class DenseBackbone(nn.Module):
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Plain prompts -> projected embeddings [N, D] (the hand-written template baseline)."""
-        tokens = self.tokenize(texts)
-        tokens = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]  # causal mask: padding after EOT changes nothing
+        tokens = trim_padding(self.tokenize(texts))
         return self.encode_with_context(self.token_embeddings(tokens), tokens)
 
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..distributed import get_rank, get_world_size, is_main_process
 from ..eval.datasets import SegmentationDataset
-from ..eval.inference import window_slices
+from ..eval.inference import rescale_image, window_slices
 from ..eval.metrics import confusion_matrix
 from .backbones import DenseBackbone
 from .learner import refined_log_probs
@@ -30,23 +30,13 @@ class SlideSettings:
     batch_windows: int = 16
 
 
-def _rescale(arr: np.ndarray, short_side: int, long_side: int) -> torch.Tensor:
-    h, w = arr.shape[:2]
-    scale = min(long_side / max(h, w), short_side / min(h, w))
-    size = (int(h * scale + 0.5), int(w * scale + 0.5))
-    x = torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].float()
-    if size != (h, w):
-        x = F.interpolate(x, size=size, mode='bilinear', align_corners=False).round().clamp(0, 255)
-    return x / 255.0
-
-
 @torch.no_grad()
 def predict_image(backbone: DenseBackbone, classifier, text: torch.Tensor, image, settings: SlideSettings,
                   device: torch.device | str = 'cpu', autocast_dtype: torch.dtype | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One RGB image -> (labels [H, W] over the classes of ``text``, log-probabilities [C, H, W])."""
     arr = np.asarray(image.convert('RGB') if hasattr(image, 'convert') else image)
-    x = backbone.normalize(_rescale(arr, settings.short_side, settings.long_side).to(device))
+    x = backbone.normalize(rescale_image(arr, settings.short_side, settings.long_side).to(device) / 255.0)
     S = settings.crop_size
     _, _, H, W = x.shape
     ph, pw = max(S - H, 0), max(S - W, 0)

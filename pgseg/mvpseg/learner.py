@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.text import trim_padding
 from .backbones import DenseBackbone
 
 __all__ = ['PromptConfig', 'PixelLogits', 'MultiViewPrompts', 'TemplateClassifier', 'orthogonality_loss',
@@ -108,9 +109,7 @@ class MultiViewPrompts(nn.Module):
         key = tuple(names)
         tokens = self._token_cache.get(key)
         if tokens is None or tokens.device != backbone.device:
-            tokens = backbone.tokenize(self.prompt_texts(names))
-            # padding after the last EOT changes no EOT embedding under the causal mask: drop it once, here
-            tokens = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
+            tokens = trim_padding(backbone.tokenize(self.prompt_texts(names)))  # once per class list
             self._token_cache = {key: tokens}
         V, C, L = self.ctx.shape[0], tokens.shape[0], self.cfg.context_length
         with torch.no_grad():

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import ConfigError, config_to_yaml
+from ..checkpoint import find_latest, prune_checkpoints
+from ..config import ConfigError, config_to_dict, config_to_yaml
 from ..distributed import all_ranks_true, broadcast_flag, get_rank, get_world_size, init_distributed, is_main_process
 from ..engine import RunState, autocast_for, capture_rng, restore_rng
 from ..eval.datasets import LayoutError, build_dataset
@@ -92,20 +93,10 @@ def _save_checkpoint(run_dir: str, step: int, learner, cfg, optimizer, scheduler
         if os.path.isdir(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
-        kept = sorted(n for n in os.listdir(run_dir) if n.startswith('ckpt-') and n[5:].isdigit())
-        for old in kept[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
+        prune_checkpoints(run_dir, keep_last)
     if get_world_size() > 1:
         dist.barrier()
     return path
-
-
-def _latest(run_dir: str) -> str | None:
-    if not os.path.isdir(run_dir):
-        return None
-    done = sorted(n for n in os.listdir(run_dir) if n.startswith('ckpt-') and n[5:].isdigit()
-                  and os.path.isfile(os.path.join(run_dir, n, 'train_state.pt')))
-    return os.path.join(run_dir, done[-1]) if done else None
 
 
 def run(cfg: PromptTrainConfig) -> dict:
@@ -132,7 +123,7 @@ def run(cfg: PromptTrainConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.warmup_lr,
                                 cfg.optim.min_lr)
     state = RunState()
-    resume = _latest(run_dir) if cfg.checkpoint.resume == 'auto' else cfg.checkpoint.resume
+    resume = find_latest(run_dir, marker='train_state.pt') if cfg.checkpoint.resume == 'auto' else cfg.checkpoint.resume
     if resume:
         if not os.path.isfile(os.path.join(resume, 'train_state.pt')):
             raise ConfigError(f'checkpoint.resume={resume!r}: no train_state.pt there')
@@ -155,7 +146,7 @@ def run(cfg: PromptTrainConfig) -> dict:
                         pin_memory=device.type == 'cuda', prefetch_factor=4 if cfg.data.num_workers else None)
     logger = MetricsLogger(run_dir, enabled=is_main_process(), wandb_mode=cfg.log.wandb_mode,
                            project=cfg.log.wandb_project, name=cfg.log.wandb_name, tags=cfg.log.wandb_tags,
-                           config=json.loads(json.dumps(_plain(cfg))), resume_id=state.wandb_id)
+                           config=json.loads(json.dumps(config_to_dict(cfg))), resume_id=state.wandb_id)
     state.wandb_id = logger.wandb_id or state.wandb_id
     if is_main_process():
         log.info('%d seen / %d unseen classes of %s (%s); %d training images, %d steps, %d trainable values, '
@@ -256,11 +247,6 @@ def format_comparison(results: dict) -> str:
             r = results[kind]
             rows.append(f"{label:<28}{r['miou_seen']:>9.2f}{r['miou_unseen']:>9.2f}{r['hiou']:>8.2f}{r['miou']:>8.2f}")
     return '\n'.join(rows)
-
-
-def _plain(cfg) -> dict:
-    from omegaconf import OmegaConf
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
 def main(argv: list[str] | None = None) -> int:
