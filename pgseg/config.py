@@ -47,6 +47,9 @@ class ImageEncoderConfig:
     gumbel: bool = True  # add Gumbel noise to the assignment logits in training
     gumbel_tau: float = 1.0
     assign_eps: float = 1.0
+    # temperature of the assignment logits q.k / sqrt(C): 1.0 as released. Below 1 the logits start larger than the
+    # Gumbel noise (std 1.28); at 1 a from-scratch run's logits stay far below it for many hundred steps
+    assign_temperature: float = 1.0
     grad_checkpointing: bool = False  # activation checkpointing of every ViT block (saves memory, costs compute)
 
 

@@ -59,6 +59,20 @@ def test_gumbel_noise_only_in_training(tiny_cfg):
     assert len(draws) > 1  # noisy in training
 
 
+def test_assign_temperature_scales_the_assignment_logits():
+    from pgseg.models.grouping import AssignAttention
+    torch.manual_seed(0)
+    base, cold = AssignAttention(16), AssignAttention(16, temperature=0.25)
+    cold.load_state_dict(base.state_dict())
+    base.eval(), cold.eval()
+    groups, x = torch.randn(2, 4, 16), torch.randn(2, 9, 16)
+    logits = (base.q_proj(groups) @ base.k_proj(x).transpose(1, 2)) * 16 ** -0.5
+    torch.testing.assert_close(base(groups, x)[2], logits.softmax(dim=1))
+    torch.testing.assert_close(cold(groups, x)[2], (4 * logits).softmax(dim=1))
+    with pytest.raises(ValueError, match='temperature'):
+        AssignAttention(16, temperature=0.0)
+
+
 @pytest.mark.parametrize('arch,variant', [('pgseg', 'paper'), ('pgseg', 'reference'), ('groupvit', 'paper')])
 def test_gradient_reaches_every_parameter(arch, variant):
     model = pgseg.build_model(tiny_model_config(arch, variant)).train()

@@ -84,9 +84,11 @@ class AssignAttention(nn.Module):
     """
 
     def __init__(self, dim: int, qkv_bias: bool = True, hard: bool = True, gumbel: bool = True,
-                 gumbel_tau: float = 1.0, assign_eps: float = 1.0):
+                 gumbel_tau: float = 1.0, assign_eps: float = 1.0, temperature: float = 1.0):
         super().__init__()
-        self.scale = dim ** -0.5
+        if temperature <= 0:
+            raise ValueError(f'assignment temperature must be positive, got {temperature}')
+        self.scale = dim ** -0.5 / temperature
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -123,7 +125,7 @@ class GroupingBlock(nn.Module):
 
     def __init__(self, dim: int, out_dim: int, num_heads: int, num_group_tokens: int, num_output_groups: int,
                  mlp_ratio: tuple[float, float] = (0.5, 4.0), hard: bool = True, gumbel: bool = True,
-                 gumbel_tau: float = 1.0, assign_eps: float = 1.0):
+                 gumbel_tau: float = 1.0, assign_eps: float = 1.0, assign_temperature: float = 1.0):
         super().__init__()
         tokens_dim, channels_dim = int(mlp_ratio[0] * dim), int(mlp_ratio[1] * dim)
         self.norm_tokens = nn.LayerNorm(dim)
@@ -132,7 +134,7 @@ class GroupingBlock(nn.Module):
         self.norm_x = nn.LayerNorm(dim)
         self.pre_assign_attn = PreAssignBlock(dim, num_heads, mlp_ratio=4.0, qkv_bias=True)
         self.assign = AssignAttention(dim, qkv_bias=True, hard=hard, gumbel=gumbel, gumbel_tau=gumbel_tau,
-                                      assign_eps=assign_eps)
+                                      assign_eps=assign_eps, temperature=assign_temperature)
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, channels_dim, out_dim)
         self.reduction = (nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, out_dim, bias=False))
