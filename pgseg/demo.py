@@ -139,6 +139,10 @@ def main(argv=None) -> int:
         'group_oracle_miou': after['test']['group_oracle_miou'],
         'distinct_groups_per_image_untrained': before['test']['distinct_groups_per_image'],
         'group_oracle_miou_untrained': before['test']['group_oracle_miou'],
+        'object_groups_named': after['test']['object_groups_named'],
+        'background_group_leak': after['test']['background_group_leak'],
+        'object_groups_named_untrained': before['test']['object_groups_named'],
+        'background_group_leak_untrained': before['test']['background_group_leak'],
         'num_images': after['test']['num_images'], 'num_images_unseen_pairs': after['unseen_pairs']['num_images'],
         'protocol': protocol.describe().replace('background threshold voc 0.95, context 0.36, coco_object 0.85',
                                                 f"background threshold {after['bg_thresh']} (picked on val)"),
@@ -150,7 +154,9 @@ def main(argv=None) -> int:
         json.dump(summary, f, indent=1)
     rows = [('mIoU (test)', 'miou_untrained', 'miou'), ('recognition', 'recognition_untrained', 'recognition'),
             ('distinct groups / image', 'distinct_groups_per_image_untrained', 'distinct_groups_per_image'),
-            ('group-oracle mIoU', 'group_oracle_miou_untrained', 'group_oracle_miou')]
+            ('group-oracle mIoU', 'group_oracle_miou_untrained', 'group_oracle_miou'),
+            ('object groups named %', 'object_groups_named_untrained', 'object_groups_named'),
+            ('background-group leak %', 'background_group_leak_untrained', 'background_group_leak')]
     print(f"\n{'':<26}{'untrained':>10}{'trained':>10}")
     for name, a, b in rows:
         print(f'{name:<26}{summary[a]:>10.1f}{summary[b]:>10.1f}')

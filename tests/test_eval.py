@@ -234,3 +234,48 @@ def test_eval_cli(tiny_checkpoint, synthetic_root, tmp_path, capsys):
     assert [r['dataset'] for r in results['results']] == ['voc', 'coco_object']
     assert os.path.isfile(tmp_path / 'voc_visuals.png')
     assert eval_main(['--checkpoint', str(tiny_checkpoint), '--dataset', 'ade20k', '--data-root', str(tmp_path)]) == 2
+
+
+class _FixedGroupsModel:
+    """Two final groups on a 2x2 patch grid (left column: group 0, right column: group 1) with given embeddings."""
+
+    def __init__(self, group_embeds: torch.Tensor):
+        self.group_embeds, self.logit_scale = group_embeds, torch.tensor(4.0)
+
+    def eval(self):
+        return self
+
+    def encode_image(self, x, with_group_embeds=True):
+        from pgseg.models.model import ImageOutput
+        maps = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]).unsqueeze(0)  # [1, 4 patches, 2]
+        return ImageOutput(image_embeds=self.group_embeds.mean(1), group_embeds=self.group_embeds,
+                           group_maps=[maps], grid=(2, 2))
+
+
+class _OneImageSet:
+    classes = ('background', 'a', 'b', 'c')
+    num_classes = 4
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        label = np.zeros((8, 8), dtype=np.uint8)
+        label[:, 4:] = 1  # left half background, right half class 'a'
+        return np.zeros((8, 8, 3), dtype=np.uint8), label, 'img'
+
+
+@pytest.mark.parametrize('background_as,object_as,named,leak', [
+    (2, 0, 100.0, 0.0),  # object group named 'a'; background group closest to 'c', absent from the image
+    (0, 1, 0.0, 100.0),  # background group closest to 'a' (present: a leak); object group named 'b' (wrong)
+])
+def test_naming_diagnostics_by_hand(background_as, object_as, named, leak):
+    from types import SimpleNamespace
+
+    from pgseg.eval.diagnostics import grouping_diagnostics
+    classes = torch.eye(3)  # 'a', 'b', 'c' as orthonormal embeddings
+    model = _FixedGroupsModel(torch.stack([classes[background_as], classes[object_as]]).unsqueeze(0))
+    out = grouping_diagnostics(model, _OneImageSet(), SimpleNamespace(short_side=8, long_side=8), classes)
+    assert (out['object_groups'], out['background_groups']) == (1, 1)
+    assert (out['object_groups_named'], out['background_group_leak']) == (named, leak)
+    assert out['distinct_groups_per_image'] == 2.0 and out['group_oracle_miou'] == 100.0  # background and 'a' exact
