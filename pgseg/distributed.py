@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -125,3 +127,17 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def run_command(prog: str, body: Callable[[], None], errors: tuple[type[BaseException], ...]) -> int:
+    """A command-line entry point's frame: 0 when ``body`` returns; one of the expected ``errors`` is printed as
+    ``<prog>: error: <message>`` and gives 2; the process group (torchrun), if any, is torn down either way."""
+    try:
+        body()
+    except errors as exc:
+        print(f'{prog}: error: {exc}', file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_model
-from .distributed import get_rank, get_world_size, init_distributed, is_main_process
+from .distributed import get_rank, get_world_size, init_distributed, is_main_process, run_command
 from .eval.datasets import DATASETS, LayoutError, SegmentationDataset, build_dataset
 from .eval.inference import predict_labels, preprocess_image
 from .eval.metrics import confusion_matrix, format_table, segmentation_metrics
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main_prompts(args)
     if not args.checkpoint:
         parser.error('--checkpoint is required (or --prompts)')
-    try:
+    def body() -> None:
         device, _ = init_distributed()
         model = load_model(args.checkpoint).to(device)
         protocol = get_protocol(args.protocol, templates=args.templates, short_side=args.short_side,
@@ -258,18 +258,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\nimagenet zero-shot ({r['num_images']} images, templates {r['templates']}): "
                       f"top-1 {r['top1']:.2f}, top-5 {r['top5']:.2f}")
         if is_main_process():
-            path = os.path.join(args.out, 'results.json')
-            with open(path, 'w') as f:
-                json.dump(results, f, indent=1)
+            path = _write_results(args.out, results)
             print(f'\nprotocol {protocol.describe()}\nwrote {path}')
             _log_wandb(args, results)
-    except (LayoutError, CheckpointError, ValueError) as exc:
-        print(f'pgseg-eval: error: {exc}', file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_command('pgseg-eval', body, (LayoutError, CheckpointError, ValueError))
 
 
 def _main_prompts(args) -> int:
@@ -277,7 +270,7 @@ def _main_prompts(args) -> int:
     from .mvpseg.inference import SlideSettings, evaluate_seen_unseen
     from .mvpseg.prompt_file import load_prompts
     from .mvpseg.protocols import SPLITS, resolve_split
-    try:
+    def body() -> None:
         device, _ = init_distributed()
         backbone = None
         if args.checkpoint:
@@ -304,17 +297,17 @@ def _main_prompts(args) -> int:
                       f"{'hIoU':<24}{m['hiou']:>8.2f}   (unseen: {', '.join(m['unseen_classes'])})")
             results['results'].append(m)
         if is_main_process():
-            path = os.path.join(args.out, 'results.json')
-            with open(path, 'w') as f:
-                json.dump(results, f, indent=1)
-            print(f'\nwrote {path}')
-    except (LayoutError, CheckpointError, ValueError, FileNotFoundError) as exc:
-        print(f'pgseg-eval: error: {exc}', file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+            print(f'\nwrote {_write_results(args.out, results)}')
+
+    return run_command('pgseg-eval', body, (LayoutError, CheckpointError, ValueError, FileNotFoundError))
+
+
+def _write_results(out: str, results: dict) -> str:
+    """``<out>/results.json``; returns its path."""
+    path = os.path.join(out, 'results.json')
+    with open(path, 'w') as f:
+        json.dump(results, f, indent=1)
+    return path
 
 
 def _log_wandb(args, results) -> None:

@@ -36,7 +36,7 @@ from .config import ConfigError, TrainConfig, config_to_dict, config_to_yaml, lo
 from .data.text import CaptionTokenizer
 from .data.transforms import TrainTransform, normalize_batch
 from .data.webdataset import StreamPosition, TrainStream, build_train_loader, expand_source
-from .distributed import broadcast_flag, get_rank, get_world_size, init_distributed, is_main_process
+from .distributed import broadcast_flag, get_rank, get_world_size, init_distributed, is_main_process, run_command
 from .engine import RunState, capture_rng, restore_rng, train_step
 from .eval.visualize import group_map_grid
 from .metrics import MetricsLogger
@@ -322,18 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get('RANK', 0)) == 0 else logging.WARNING,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    try:
+    def body() -> None:
         cfg = load_config(args.config, args.overrides)
         if args.resume is not None:
             cfg.checkpoint.resume = args.resume
         run(cfg)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
-        print(f'pgseg-train: error: {exc}', file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_command('pgseg-train', body, (ConfigError, CheckpointError, FileNotFoundError))
 
 
 if __name__ == '__main__':

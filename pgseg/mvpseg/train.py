@@ -28,7 +28,15 @@ from tqdm import tqdm
 
 from ..checkpoint import find_latest, prune_checkpoints
 from ..config import ConfigError, config_to_dict, config_to_yaml
-from ..distributed import all_ranks_true, broadcast_flag, get_rank, get_world_size, init_distributed, is_main_process
+from ..distributed import (
+    all_ranks_true,
+    broadcast_flag,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    run_command,
+)
 from ..engine import RunState, autocast_for, capture_rng, restore_rng
 from ..eval.datasets import LayoutError, build_dataset
 from ..metrics import MetricsLogger
@@ -256,15 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('overrides', nargs='*', help='key=value overrides, e.g. train.steps=500')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    try:
+    def body() -> None:
         run(load_prompt_config(args.config, args.overrides))
-    except (ConfigError, LayoutError, FileNotFoundError, ValueError) as exc:
-        print(f'pgseg-prompt-train: error: {exc}', file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_command('pgseg-prompt-train', body, (ConfigError, LayoutError, FileNotFoundError, ValueError))
 
 
 if __name__ == '__main__':
