@@ -34,7 +34,7 @@ bench: install
 clean-venv:
 	rm -rf $(VENV)
 
-# The CPU demo: synthetic data, training under torchrun (2 processes) within ~13 minutes, zero-shot evaluation.
+# The CPU demo: synthetic data, training under torchrun (2 processes) within 14 minutes, zero-shot evaluation.
 demo: install
 	$(PY) -m pgseg.demo --out runs/demo --data data/demo
 

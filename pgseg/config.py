@@ -50,6 +50,10 @@ class ImageEncoderConfig:
     # temperature of the assignment logits q.k / sqrt(C): 1.0 as released. Below 1 the logits start larger than the
     # Gumbel noise (std 1.28); at 1 a from-scratch run's logits stay far below it for many hundred steps
     assign_temperature: float = 1.0
+    # gain on each group's mean of its assigned tokens, before the group token (query) is added back: 1.0 as
+    # released. At init the query (a LayerNorm output, norm ~sqrt(C)) is ~50x larger than the assigned mean at width
+    # 128 (two 0.02-std linear layers), so a group's output is its query, which has attended to the whole image
+    assign_gain: float = 1.0
     grad_checkpointing: bool = False  # activation checkpointing of every ViT block (saves memory, costs compute)
 
 

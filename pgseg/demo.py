@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 from PIL import Image, ImageDraw
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw
 from .checkpoint import find_latest, load_model, save_checkpoint
 from .config import load_config
 from .data.synthetic import SceneConfig
-from .data.synthetic_writers import write_caption_shards, write_segmentation_set
+from .data.synthetic_writers import check_scene_matches, write_caption_shards, write_segmentation_set
 from .eval.datasets import build_dataset
 from .eval.diagnostics import grouping_diagnostics
 from .eval.protocols import get_protocol
@@ -31,18 +32,28 @@ from .models import build_model
 from .prompts import get_templates
 
 HOLDOUT = ('circle', 'star')
+# objects larger than pgseg-synth's default (0.12-0.28 of the side): 3-6 patches across instead of 2-4.5; run 15 in the
+# README raised recognition from 80% to 90% and the mIoU from 10.5 to 13.4 over run 11
+DEMO_RADIUS = (0.18, 0.36)
 BG_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
-def prepare_data(data: str, num_samples: int, size: int) -> None:
+def prepare_data(data: str, num_samples: int, scene: SceneConfig) -> None:
+    """Write what is missing under ``data``; check that what is there was written with the same scene design."""
     shards = os.path.join(data, 'shards')
-    if not os.path.isfile(os.path.join(shards, 'sizes.json')):
-        write_caption_shards(shards, num_samples, seed=0, scene=SceneConfig(size=size, forbidden_pairs=[HOLDOUT]))
+    train_scene = replace(scene, forbidden_pairs=[HOLDOUT])
+    if os.path.isfile(os.path.join(shards, 'sizes.json')):
+        check_scene_matches(shards, train_scene)
+    else:
+        write_caption_shards(shards, num_samples, seed=0, scene=train_scene)
     for name, seed, n, pair in (('val', 1000, 100, None), ('test', 2000, 200, None), ('unseen_pairs', 3000, 100,
                                                                                          HOLDOUT)):
         root = os.path.join(data, 'eval', name)
-        if not os.path.isdir(os.path.join(root, 'VOCdevkit')):
-            write_segmentation_set(root, 'voc', n, seed=seed, scene=SceneConfig(size=size, required_pair=pair))
+        eval_scene = replace(scene, required_pair=pair)
+        if os.path.isdir(os.path.join(root, 'VOCdevkit')):
+            check_scene_matches(os.path.join(root, 'VOCdevkit', 'VOC2012'), eval_scene)
+        else:
+            write_segmentation_set(root, 'voc', n, seed=seed, scene=eval_scene)
 
 
 def evaluate(model, data: str, protocol, log=print) -> dict:
@@ -93,9 +104,13 @@ def main(argv=None) -> int:
     parser.add_argument('--config', default='configs/demo_cpu.yaml')
     parser.add_argument('--data', default='data/demo')
     parser.add_argument('--out', default='runs/demo')
-    parser.add_argument('--minutes', type=float, default=13.0, help='training time budget')
+    parser.add_argument('--minutes', type=float, default=14.0, help='training time budget')
     parser.add_argument('--num-samples', type=int, default=20000)
     parser.add_argument('--nproc', type=int, default=2)
+    parser.add_argument('--min-radius', type=float, default=DEMO_RADIUS[0],
+                        help='smallest object radius in the synthetic scenes, as a fraction of the image side')
+    parser.add_argument('--max-radius', type=float, default=DEMO_RADIUS[1],
+                        help='largest object radius in the synthetic scenes, as a fraction of the image side')
     parser.add_argument('overrides', nargs='*', help='key=value overrides of the training config')
     args = parser.parse_args(argv)
     start = time.time()
@@ -103,7 +118,12 @@ def main(argv=None) -> int:
     size = cfg.data.img_size
     protocol = get_protocol('pgseg', short_side=size, crop_size=size, stride=size // 2)
     print(f'[1/4] synthetic data in {args.data}', flush=True)
-    prepare_data(args.data, args.num_samples, size)
+    try:
+        prepare_data(args.data, args.num_samples, SceneConfig(size=size, min_radius=args.min_radius,
+                                                              max_radius=args.max_radius))
+    except ValueError as exc:
+        print(f'python -m pgseg.demo: error: {exc}', file=sys.stderr)
+        return 2
 
     print('[2/4] the untrained model', flush=True)
     torch.manual_seed(cfg.train.seed)

@@ -15,7 +15,8 @@ from .data.synthetic_writers import _classes_arg, parse_pairs, write_caption_sha
 
 def _scene(args) -> SceneConfig:
     return SceneConfig(size=args.size, classes=_classes_arg(args.classes, DEFAULT_CLASSES),
-                       min_objects=args.min_objects, max_objects=args.max_objects, hue_jitter=args.hue_jitter,
+                       min_objects=args.min_objects, max_objects=args.max_objects, min_radius=args.min_radius,
+                       max_radius=args.max_radius, hue_jitter=args.hue_jitter,
                        forbidden_pairs=parse_pairs(args.holdout_pairs),
                        required_pair=(parse_pairs(args.required_pair) or [None])[0])
 
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
                             f'available: {",".join(SHAPES)})')
         p.add_argument('--min-objects', type=int, default=1)
         p.add_argument('--max-objects', type=int, default=3)
+        p.add_argument('--min-radius', type=float, default=SceneConfig.min_radius,
+                       help='smallest object radius, as a fraction of the image side')
+        p.add_argument('--max-radius', type=float, default=SceneConfig.max_radius,
+                       help='largest object radius, as a fraction of the image side')
         p.add_argument('--hue-jitter', type=float, default=15.0,
                        help='degrees of hue jitter around each class colour (180: colour says nothing of the class)')
         p.add_argument('--holdout-pairs', default=None,

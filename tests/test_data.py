@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from pgseg.data.synthetic import SYNONYMS, SceneConfig, caption_for, render_scene
-from pgseg.data.synthetic_writers import scene_rng, write_caption_shards, write_segmentation_set
+from pgseg.data.synthetic_writers import check_scene_matches, scene_rng, write_caption_shards, write_segmentation_set
 from pgseg.data.text import CaptionTokenizer, extract_prompt_words
 from pgseg.data.transforms import TrainTransform, normalize_batch, to_rgb
 from pgseg.data.webdataset import TrainStream, expand_source
@@ -62,6 +62,23 @@ def test_caption_shard_layout(tmp_path):
     names = tarfile.open(paths[1]).getnames()
     assert names[:3] == ['000010000.jpg', '000010000.txt', '000010000.json']
     assert not any(n.endswith('.png') for n in names)  # no pixel labels in training data
+
+
+def test_object_radius_and_reusing_data_of_another_design(tmp_path):
+    small, big = SceneConfig(size=64, max_radius=0.15), SceneConfig(size=64, min_radius=0.3, max_radius=0.35)
+    rng_radii = [[o.radius for o in render_scene(scene_rng(0, i), cfg).objects] for cfg in (small, big)
+                 for i in range(20)]
+    assert max(r for rs in rng_radii[:20] for r in rs) <= 0.15
+    assert min(r for rs in rng_radii[20:] for r in rs) >= 0.3
+    with pytest.raises(ValueError, match='min_radius <= max_radius'):
+        SceneConfig(min_radius=0.3, max_radius=0.2)
+    write_caption_shards(str(tmp_path), 3, scene=small, progress=False)
+    check_scene_matches(str(tmp_path), small)  # same design: accepted
+    with pytest.raises(ValueError, match=r'pgseg_classes.json: written with another scene design \(max_radius: has '
+                                         r'0.15, expected 0.35, min_radius: has 0.12, expected 0.3\)'):
+        check_scene_matches(str(tmp_path), big)
+    with pytest.raises(ValueError, match='missing'):
+        check_scene_matches(str(tmp_path / 'elsewhere'), small)
 
 
 @pytest.mark.parametrize('layout,files', [

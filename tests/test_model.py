@@ -73,6 +73,33 @@ def test_assign_temperature_scales_the_assignment_logits():
         AssignAttention(16, temperature=0.0)
 
 
+def test_assign_gain_scales_only_the_assigned_mean():
+    from pgseg.models.grouping import AssignAttention, GroupingBlock
+    torch.manual_seed(0)
+    base, loud = AssignAttention(16), AssignAttention(16, gain=8.0)
+    loud.load_state_dict(base.state_dict())
+    base.eval(), loud.eval()
+    groups, x = torch.randn(2, 4, 16), torch.randn(2, 9, 16)
+    (out, hard, soft), (out8, hard8, soft8) = base(groups, x), loud(groups, x)
+    torch.testing.assert_close(out8, 8 * out)
+    torch.testing.assert_close(hard8, hard)  # the assignment itself is unchanged
+    torch.testing.assert_close(soft8, soft)
+    # in the block, the gain applies to the assigned mean and not to the group token added back
+    block, loud_block = GroupingBlock(16, 16, 2, 4, 4), GroupingBlock(16, 16, 2, 4, 4, assign_gain=8.0)
+    loud_block.load_state_dict(block.state_dict())
+    block.eval(), loud_block.eval()
+    seen = {}
+    loud_block.assign.register_forward_hook(lambda m, i, o: seen.update(assigned=o[0]))
+    loud_block.pre_assign_attn.register_forward_hook(lambda m, i, o: seen.update(query=o))
+    out_block = loud_block(x, groups)[0]
+    mixed = seen['query'] + seen['assigned']
+    expected = loud_block.reduction(mixed) + loud_block.mlp_channels(loud_block.norm_new_x(mixed))
+    torch.testing.assert_close(out_block, expected)
+    assert not torch.allclose(out_block, block(x, groups)[0])
+    with pytest.raises(ValueError, match='gain'):
+        AssignAttention(16, gain=0.0)
+
+
 @pytest.mark.parametrize('arch,variant', [('pgseg', 'paper'), ('pgseg', 'reference'), ('groupvit', 'paper')])
 def test_gradient_reaches_every_parameter(arch, variant):
     model = pgseg.build_model(tiny_model_config(arch, variant)).train()

@@ -129,6 +129,9 @@ class SceneConfig:
         unknown = [b for b in self.backgrounds if b not in BACKGROUNDS]
         if unknown or not self.backgrounds:
             raise ValueError(f'synthetic scenes: unknown or no background kinds {unknown}; choose from {BACKGROUNDS}')
+        if not 0 < self.min_radius <= self.max_radius <= 0.5:
+            raise ValueError(f'synthetic scenes: need 0 < min_radius <= max_radius <= 0.5 (fractions of the image '
+                             f'side), got {self.min_radius}, {self.max_radius}')
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(f'synthetic scenes: need 1 <= min_objects <= max_objects, got '
                              f'{self.min_objects}, {self.max_objects}')

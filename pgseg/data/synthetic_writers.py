@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from .synthetic import Scene, SceneConfig, caption_for, render_scene
 
-__all__ = ['write_caption_shards', 'write_segmentation_set', 'voc_palette', 'CLASSES_FILE', 'scene_rng']
+__all__ = ['write_caption_shards', 'write_segmentation_set', 'voc_palette', 'CLASSES_FILE', 'scene_rng',
+           'check_scene_matches']
 
 CLASSES_FILE = 'pgseg_classes.json'  # written beside a synthetic set: its class names (not part of the official layout)
 Layout = Literal['voc', 'context', 'coco_object']
@@ -104,6 +105,22 @@ def _scene_dict(scene: SceneConfig) -> dict:
     d['forbidden_pairs'] = [list(p) for p in scene.forbidden_pairs]
     d['backgrounds'] = list(scene.backgrounds)
     return d
+
+
+def check_scene_matches(directory: str, scene: SceneConfig) -> None:
+    """Raise ValueError when the synthetic set in ``directory`` was written with another scene design than ``scene``
+    (data made by an earlier run with other settings must not be reused silently)."""
+    path = os.path.join(directory, CLASSES_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f'{path}: missing; this is not a pgseg-synth directory (delete {directory} to regenerate)')
+    with open(path) as f:
+        stored = json.load(f).get('scene', {})
+    wanted = json.loads(json.dumps(_scene_dict(scene)))  # tuples -> lists, as stored
+    diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+    if diff:
+        detail = ', '.join(f'{k}: has {a!r}, expected {b!r}' for k, (a, b) in sorted(diff.items()))
+        raise ValueError(f'{path}: written with another scene design ({detail}); delete {directory} to regenerate '
+                         f'it, or point --data elsewhere')
 
 
 def write_segmentation_set(root: str, layout: Layout, num_images: int, seed: int = 1000,

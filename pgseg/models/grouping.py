@@ -80,15 +80,18 @@ class AssignAttention(nn.Module):
     """Single-head assignment of every image token to one group: softmax over the *group* axis.
 
     Training: Gumbel noise (if enabled) and a straight-through hard one-hot. Eval: the hard one-hot without noise.
-    Each group's output is the sum of its assigned tokens' values over (count + assign_eps).
+    Each group's output is the sum of its assigned tokens' values over (count + assign_eps), times ``gain``.
     """
 
     def __init__(self, dim: int, qkv_bias: bool = True, hard: bool = True, gumbel: bool = True,
-                 gumbel_tau: float = 1.0, assign_eps: float = 1.0, temperature: float = 1.0):
+                 gumbel_tau: float = 1.0, assign_eps: float = 1.0, temperature: float = 1.0, gain: float = 1.0):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f'assignment temperature must be positive, got {temperature}')
+        if gain <= 0:
+            raise ValueError(f'assignment gain must be positive, got {gain}')
         self.scale = dim ** -0.5 / temperature
+        self.gain = gain
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -109,6 +112,8 @@ class AssignAttention(nn.Module):
         attn = straight_through_hard(noisy, dim=1) if self.hard else noisy
         weights = attn / (attn.sum(dim=-1, keepdim=True) + self.assign_eps)
         out = self.proj(weights @ self.v_proj(x))
+        if self.gain != 1.0:
+            out = out * self.gain
         return out, attn, soft.detach()
 
 
@@ -125,7 +130,8 @@ class GroupingBlock(nn.Module):
 
     def __init__(self, dim: int, out_dim: int, num_heads: int, num_group_tokens: int, num_output_groups: int,
                  mlp_ratio: tuple[float, float] = (0.5, 4.0), hard: bool = True, gumbel: bool = True,
-                 gumbel_tau: float = 1.0, assign_eps: float = 1.0, assign_temperature: float = 1.0):
+                 gumbel_tau: float = 1.0, assign_eps: float = 1.0, assign_temperature: float = 1.0,
+                 assign_gain: float = 1.0):
         super().__init__()
         tokens_dim, channels_dim = int(mlp_ratio[0] * dim), int(mlp_ratio[1] * dim)
         self.norm_tokens = nn.LayerNorm(dim)
@@ -134,7 +140,7 @@ class GroupingBlock(nn.Module):
         self.norm_x = nn.LayerNorm(dim)
         self.pre_assign_attn = PreAssignBlock(dim, num_heads, mlp_ratio=4.0, qkv_bias=True)
         self.assign = AssignAttention(dim, qkv_bias=True, hard=hard, gumbel=gumbel, gumbel_tau=gumbel_tau,
-                                      assign_eps=assign_eps, temperature=assign_temperature)
+                                      assign_eps=assign_eps, temperature=assign_temperature, gain=assign_gain)
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, channels_dim, out_dim)
         self.reduction = (nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, out_dim, bias=False))

@@ -150,7 +150,7 @@ class GroupViTImageEncoder(nn.Module):
                                            cfg.num_output_groups[i], hard=cfg.hard_assignment,
                                            gumbel=cfg.hard_assignment and cfg.gumbel, gumbel_tau=cfg.gumbel_tau,
                                            assign_eps=cfg.assign_eps,
-                                           assign_temperature=cfg.assign_temperature)
+                                           assign_temperature=cfg.assign_temperature, assign_gain=cfg.assign_gain)
                 if with_npr:
                     if dims[i + 1] != dim:  # the reconstruction is added to the stage's tokens
                         raise ValueError(f'image encoder: PGSeg needs equal widths around grouping stage {i} '
