@@ -59,13 +59,16 @@ def test_gumbel_noise_only_in_training(tiny_cfg):
     assert len(draws) > 1  # noisy in training
 
 
+def _twin(base: torch.nn.Module, other: torch.nn.Module):
+    """``other`` takes ``base``'s weights; both in eval mode; with 4 groups and 9 tokens of width 16 to feed them."""
+    other.load_state_dict(base.state_dict())
+    return base.eval(), other.eval(), torch.randn(2, 4, 16), torch.randn(2, 9, 16)
+
+
 def test_assign_temperature_scales_the_assignment_logits():
     from pgseg.models.grouping import AssignAttention
     torch.manual_seed(0)
-    base, cold = AssignAttention(16), AssignAttention(16, temperature=0.25)
-    cold.load_state_dict(base.state_dict())
-    base.eval(), cold.eval()
-    groups, x = torch.randn(2, 4, 16), torch.randn(2, 9, 16)
+    base, cold, groups, x = _twin(AssignAttention(16), AssignAttention(16, temperature=0.25))
     logits = (base.q_proj(groups) @ base.k_proj(x).transpose(1, 2)) * 16 ** -0.5
     torch.testing.assert_close(base(groups, x)[2], logits.softmax(dim=1))
     torch.testing.assert_close(cold(groups, x)[2], (4 * logits).softmax(dim=1))
@@ -76,18 +79,13 @@ def test_assign_temperature_scales_the_assignment_logits():
 def test_assign_gain_scales_only_the_assigned_mean():
     from pgseg.models.grouping import AssignAttention, GroupingBlock
     torch.manual_seed(0)
-    base, loud = AssignAttention(16), AssignAttention(16, gain=8.0)
-    loud.load_state_dict(base.state_dict())
-    base.eval(), loud.eval()
-    groups, x = torch.randn(2, 4, 16), torch.randn(2, 9, 16)
+    base, loud, groups, x = _twin(AssignAttention(16), AssignAttention(16, gain=8.0))
     (out, hard, soft), (out8, hard8, soft8) = base(groups, x), loud(groups, x)
     torch.testing.assert_close(out8, 8 * out)
     torch.testing.assert_close(hard8, hard)  # the assignment itself is unchanged
     torch.testing.assert_close(soft8, soft)
     # in the block, the gain applies to the assigned mean and not to the group token added back
-    block, loud_block = GroupingBlock(16, 16, 2, 4, 4), GroupingBlock(16, 16, 2, 4, 4, assign_gain=8.0)
-    loud_block.load_state_dict(block.state_dict())
-    block.eval(), loud_block.eval()
+    block, loud_block, _, _ = _twin(GroupingBlock(16, 16, 2, 4, 4), GroupingBlock(16, 16, 2, 4, 4, assign_gain=8.0))
     seen = {}
     loud_block.assign.register_forward_hook(lambda m, i, o: seen.update(assigned=o[0]))
     loud_block.pre_assign_attn.register_forward_hook(lambda m, i, o: seen.update(query=o))
