@@ -33,7 +33,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, TrainConfig, config_to_dict, config_to_yaml, load_config
-from .data.text import CaptionTokenizer
+from .data.text import CaptionTokenizer, trim_padding
 from .data.transforms import TrainTransform, normalize_batch
 from .data.webdataset import StreamPosition, TrainStream, build_train_loader, expand_source
 from .distributed import broadcast_flag, get_rank, get_world_size, init_distributed, is_main_process, run_command
@@ -208,6 +208,7 @@ def _loop(cfg, ddp, model, stream, loader, optimizer, scheduler, scaler, state, 
         for images, tokens, info in loader:
             position.update(info)
             worker_skips[info['worker']] = info['skipped']
+            tokens = trim_padding(tokens)  # on the CPU: no host sync; exact under the causal mask
             micro.append((normalize_batch(images.to(device, non_blocking=True)), tokens.to(device, non_blocking=True)))
             if fixed_batch is None:
                 fixed_batch = micro[-1][0][:8]

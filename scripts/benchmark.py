@@ -130,6 +130,7 @@ def _set_npr(model, enabled: bool) -> None:
 
 def measure_train_step(args) -> dict:
     import pgseg
+    import pgseg.data.text
     import pgseg.losses
     import pgseg.models.npr
     from pgseg.distributed import get_rank, get_world_size, init_distributed
@@ -148,7 +149,10 @@ def measure_train_step(args) -> dict:
     size = cfg.image.img_size
     images = torch.randn(args.batch, 3, size, size, device=device)
     captions = [f'a photo of {i} red circles and a blue square on the grass' for i in range(args.batch)]
-    tokens = pgseg.tokenize(captions, cfg.text.context_length).to(device)
+    tokens = pgseg.tokenize(captions, cfg.text.context_length)
+    if not args.full_context:  # what the trainer does to every batch (exact under the causal mask)
+        tokens = pgseg.data.text.trim_padding(tokens)
+    tokens = tokens.to(device)
     dtype = {'fp32': None, 'bf16': torch.bfloat16}[args.precision]
     forward = torch.compile(model) if args.compile else model
 
@@ -204,6 +208,7 @@ def measure_train_step(args) -> dict:
     result = {
         'precision': args.precision, 'batch': args.batch, 'device': str(device), 'world_size': get_world_size(),
         'npr_variant': cfg.npr.variant, 'grad_checkpointing': args.grad_checkpointing, 'compile': args.compile,
+        'text_tokens': tokens.shape[-1],
         'threads': torch.get_num_threads(), 'params': sum(p.numel() for p in model.parameters()),
         'step_s_median': step_s, 'step_s_all': with_npr, 'images_per_s': args.batch / step_s,
         'flops_per_step': flops, 'achieved_gflops': flops / step_s / 1e9,
@@ -227,6 +232,7 @@ def mode_train(args, peak: dict | None = None) -> dict:
                '--warmup', str(args.warmup), '--precision', precision, '--device', args.device]
         cmd += (['--npr-variant', args.npr_variant] if args.npr_variant else [])
         cmd += (['--grad-checkpointing'] if args.grad_checkpointing else []) + (['--compile'] if args.compile else [])
+        cmd += ['--full-context'] if args.full_context else []
         if args.nproc > 1:
             cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(args.nproc)] + cmd
             env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.nproc)))
@@ -238,7 +244,8 @@ def mode_train(args, peak: dict | None = None) -> dict:
     first = results[0]
     print(f"\ntrain: {os.path.basename(args.config)}, {first['params']:,} parameters, batch {args.batch} per process x "
           f"{first['world_size']}, NPR {first['npr_variant']}, activation checkpointing "
-          f"{'on' if args.grad_checkpointing else 'off'}, {first['threads']} threads, torch {torch.__version__}")
+          f"{'on' if args.grad_checkpointing else 'off'}, {first['threads']} threads, torch {torch.__version__}\n"
+          f"captions of {first['text_tokens']} tokens ({'full context' if args.full_context else 'padding trimmed'})")
     print(f"ceilings measured in this run: matmul bf16 {ceiling:.0f} GFLOP/s, fp32 "
           f"{peak['matmul_gflops']['fp32']:.0f} GFLOP/s; {first['flops_per_step'] / 1e9:.1f} GFLOP per step\n")
     head = (f"{'precision':<10}{'step s':>8}{'img/s':>8}{'GFLOP/s':>9}{'of bf16':>9}{'NPR':>7}{'EM fwd':>8}"
@@ -427,6 +434,9 @@ def main(argv=None) -> int:
         p.add_argument('--compile', action='store_true', help='torch.compile the model (GPU)')
         p.add_argument('--nproc', type=int, default=1, help='processes (torchrun, gloo on the CPU)')
         p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
+        p.add_argument('--full-context', action='store_true',
+                       help="keep the captions' padding to the context length (the released trainer's cost); by "
+                            'default the padding after the last EOT is cut, as pgseg-train does')
     step.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32')
     for p in (modes['eval'], modes['all']):
         p.add_argument('--images', type=int, default=10)

@@ -1,6 +1,7 @@
 """Model shapes, assignment semantics, gradient flow, official sizes and key sets, buffer behaviour."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -122,6 +123,27 @@ def test_multi_label_tokens():
     torch.testing.assert_close(losses['loss'], losses['itc'] + losses['multi_label'])
     losses['loss'].backward()
     assert model.multi_label_logit_scale.grad is not None
+
+
+@pytest.mark.parametrize('variant', ['paper', 'reference'])
+def test_training_losses_do_not_depend_on_padding(variant):
+    """The trainer cuts every batch's padding after its last EOT: each loss must be what the full context gives."""
+    cfg = tiny_model_config('pgseg', variant)
+    cfg.multi_label = 2
+    model = pgseg.build_model(cfg).train()
+    images, tokens = tiny_batch()
+    prompts = pgseg.tokenize(['a photo of a dog', 'a photo of a cat'] * 4, context_length=16).reshape(4, 2, 16)
+    full = torch.cat([tokens.unsqueeze(1), prompts], dim=1)
+    trimmed = pgseg.data.text.trim_padding(full)
+    assert trimmed.shape[-1] < full.shape[-1]
+    twin = copy.deepcopy(model)  # a training forward moves the prototype buffers: each call gets the same start
+    torch.manual_seed(0)
+    a = model.compute_losses(images, full)
+    torch.manual_seed(0)
+    b = twin.compute_losses(images, trimmed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
 def test_eval_never_mutates_buffers():
@@ -267,14 +289,36 @@ def test_group_class_affinity_by_hand():
             assert float(got[g, k]) == pytest.approx(float(restricted * logits[g].softmax(0)[k]), abs=1e-6)
 
 
-def test_activation_checkpointing_under_cpu_bf16_attention_matches():
-    """The CPU bf16 training path runs attention as plain matmuls; checkpointed blocks must be recomputed with the
-    same kernels (a different kernel saves different tensors and checkpointing refuses), in both towers."""
+def test_cpu_bf16_training_attention_kernels_by_length():
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+    model = pgseg.build_model(tiny_model_config()).train()
+    cpu = torch.device('cpu')
+    limit = pgseg.models.model.CPU_FLASH_MIN_TOKENS
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with model.attention_kernels(cpu, limit - 1):
+            assert _cur_sdpa_kernel_backends() == [SDPBackend.MATH]  # short sequences: plain matmuls
+        with model.attention_kernels(cpu, limit):
+            assert SDPBackend.FLASH_ATTENTION in _cur_sdpa_kernel_backends()  # long ones: PyTorch's fused choice
+        with torch.no_grad(), model.attention_kernels(cpu, 8):
+            assert SDPBackend.FLASH_ATTENTION in _cur_sdpa_kernel_backends()  # inference: always fused
+    with model.attention_kernels(cpu, 8):
+        assert SDPBackend.FLASH_ATTENTION in _cur_sdpa_kernel_backends()  # fp32
+    images = torch.zeros(1, 3, 224, 224)
+    assert model.img_encoder.max_sequence_length(images) == (224 // 8) ** 2 + model.cfg.image.num_group_tokens[0]
+
+
+@pytest.mark.parametrize('attention', ['auto', 'fused'])
+def test_activation_checkpointing_under_cpu_bf16_attention_matches(attention):
+    """The CPU bf16 training path runs attention as plain matmuls (short sequences) or flash (long ones, or
+    ``fused``); checkpointed blocks must be recomputed with the same kernels (a different kernel saves different
+    tensors and checkpointing refuses), in both towers."""
     images, tokens = tiny_batch()
     grads = []
     for enable in (False, True):
         torch.manual_seed(0)
-        model = pgseg.build_model(tiny_model_config()).train()
+        cfg = tiny_model_config()
+        cfg.attention = attention
+        model = pgseg.build_model(cfg).train()
         model.set_grad_checkpointing(enable)
         torch.manual_seed(1)
         with torch.autocast('cpu', dtype=torch.bfloat16):

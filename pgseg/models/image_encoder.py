@@ -204,6 +204,12 @@ class GroupViTImageEncoder(nn.Module):
         names |= {f'layers.{i}.group_token' for i, layer in enumerate(self.layers) if layer.group_token is not None}
         return names
 
+    def max_sequence_length(self, images: torch.Tensor) -> int:
+        """The longest token sequence the ViT blocks see for ``images`` [B, 3, H, W]: the first stage's patches plus
+        its group tokens."""
+        patches = (images.shape[-2] // self.cfg.patch_size) * (images.shape[-1] // self.cfg.patch_size)
+        return patches + self.cfg.num_group_tokens[0]
+
     def forward(self, images: torch.Tensor) -> ImageFeatures:
         """images: normalised [B, 3, H, W] (any size at inference) -> :class:`ImageFeatures`."""
         x, grid = self.patch_embed(images)

@@ -24,6 +24,8 @@ from .text_encoder import TextEncoder, valid_token_mask
 __all__ = ['ImageOutput', 'GroupSegModel', 'build_model']
 
 NPRVariant = Literal['reference', 'paper']
+# model.attention=auto, CPU bf16 training: the flash kernel from this sequence length on, plain matmuls below it
+CPU_FLASH_MIN_TOKENS = 160
 
 
 @dataclass
@@ -119,17 +121,21 @@ class GroupSegModel(nn.Module):
         Returns ``itc``, for PGSeg ``npr`` (already weighted) and its unweighted parts ``npr_image_<k>`` and
         ``npr_text``, ``multi_label`` when enabled, and ``loss``, the sum to minimise.
         """
-        with self.attention_kernels(images.device):
-            return self._compute_losses(images, tokens, npr_variant or self.cfg.npr.variant)
+        return self._compute_losses(images, tokens, npr_variant or self.cfg.npr.variant)
 
-    def attention_kernels(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """The scaled-dot-product attention kernels for a forward pass (``model.attention``). The backward pass
-        follows the kernels the forward chose, so only forward calls need this."""
+    def attention_kernels(self, device: torch.device, seq_len: int | None = None) -> contextlib.AbstractContextManager:
+        """The scaled-dot-product attention kernels for a forward pass (``model.attention``) whose longest sequence
+        has ``seq_len`` tokens (None: short). The backward pass follows the kernels the forward chose, so only
+        forward calls need this."""
         choice = self.cfg.attention
-        if choice == 'auto':  # CPU bf16 training: the flash kernel's backward is the slow part
+        if choice == 'auto':
+            # CPU bf16 training: below about 160 tokens the flash kernel's backward is the slow part (a ViT block
+            # at 80 tokens: plain matmuls 31 ms, flash 38 ms), above it flash wins (260 tokens: 449 ms against 646
+            # ms at width 384; README, Performance)
             cpu_bf16_training = (device.type == 'cpu' and torch.is_grad_enabled() and torch.is_autocast_enabled('cpu')
                                  and torch.get_autocast_dtype('cpu') == torch.bfloat16)
-            choice = 'math' if cpu_bf16_training else 'fused'
+            short = seq_len is None or seq_len < CPU_FLASH_MIN_TOKENS
+            choice = 'math' if cpu_bf16_training and short else 'fused'
         if choice == 'math':
             return sdpa_kernel(SDPBackend.MATH)
         if choice == 'fused':
@@ -143,7 +149,8 @@ class GroupSegModel(nn.Module):
                 raise ValueError(f'compute_losses: tokens of shape {tuple(tokens.shape)} carry prompts, but '
                                  f'model.multi_label is 0')
             tokens, prompts = tokens[:, 0], tokens[:, 1:]
-        feats = self.img_encoder(images)
+        with self.attention_kernels(images.device, self.img_encoder.max_sequence_length(images)):
+            feats = self.img_encoder(images)
         image_embeds = self.img_projector(feats.tokens.mean(dim=1))
         matches: list[MatchHandle] = []
         if self.is_pgseg:
@@ -152,11 +159,13 @@ class GroupSegModel(nn.Module):
                 matches.append(match_async(_cosine(stage.grouping.group_queries, stage.prototypes),
                                            maximize=variant == 'paper'))
         if prompts is None:
-            pooled, token_feats = self.text_encoder.encode(tokens)
+            with self.attention_kernels(tokens.device, tokens.shape[-1]):
+                pooled, token_feats = self.text_encoder.encode(tokens)
             text_embeds = self.text_projector(pooled)
         else:  # caption and prompts in one pass, one BatchNorm batch, as the official code
             all_tokens = torch.cat([tokens.unsqueeze(1), prompts], dim=1)  # [B, 1+K, L]
-            pooled, token_feats = self.text_encoder.encode(all_tokens.flatten(0, 1))
+            with self.attention_kernels(tokens.device, tokens.shape[-1]):
+                pooled, token_feats = self.text_encoder.encode(all_tokens.flatten(0, 1))
             embeds = self.text_projector(pooled).reshape(*all_tokens.shape[:2], -1)  # [B, 1+K, D]
             text_embeds, prompt_embeds = embeds[:, 0], embeds[:, 1:]
             pooled = pooled.reshape(*all_tokens.shape[:2], -1)[:, 0]
