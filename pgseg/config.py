@@ -97,7 +97,11 @@ class ModelConfig:
     proj_num_layers: int = 2
     contrast_temperature: float = 0.07
     multi_label: int = 0  # number of noun prompts per caption for GroupViT's multi-label loss; 0 = off
-    multi_label_loss_weight: float = 1.0
+    multi_label_loss_weight: float = 1.0  # 0 skips GroupViT's multi-label loss but keeps the prompts (for grounding)
+    # pgseg extension, not in GroupViT or PGSeg (0 = off, the official recipes): weight of the within-image noun
+    # grounding loss (losses.noun_grounding_loss) on the final groups; it reads the model.multi_label noun prompts
+    grounding_weight: float = 0.0
+    grounding_area: Literal['hard', 'soft'] = 'hard'  # group weights: share of patches won, or mean soft assignment
     share_temperature: bool = False
     # scaled-dot-product attention kernels: 'auto' = plain matmul+softmax when training on the CPU under bf16
     # autocast (the CPU flash kernel's backward is slow at these sequence lengths), PyTorch's fused choice otherwise

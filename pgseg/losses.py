@@ -17,7 +17,7 @@ from timm.loss import SoftTargetCrossEntropy
 from .distributed import all_gather_with_grad, get_rank, get_world_size
 
 __all__ = ['clamp_logit_scale', 'contrastive_loss', 'multi_label_contrastive_loss', 'hrs_mask',
-           'prototype_contrastive_loss', 'float32']
+           'prototype_contrastive_loss', 'noun_grounding_loss', 'float32']
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -76,6 +76,44 @@ def multi_label_contrastive_loss(image_embeds: torch.Tensor, prompt_embeds: torc
     target_txt = F.one_hot(own.repeat_interleave(K), world * B).float()
     loss_fn = SoftTargetCrossEntropy()
     return 0.5 * (loss_fn(logits_img, target_img.reshape(B, -1)) + loss_fn(logits_txt, target_txt))
+
+
+@float32
+def noun_grounding_loss(group_embeds: torch.Tensor, prompt_embeds: torch.Tensor, valid: torch.Tensor,
+                        group_area: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """pgseg's within-image noun grounding (an extension, not in GroupViT or PGSeg): each noun prompt of a caption
+    pools the image's pixels whose group matches it, and that region must match its own noun better than the
+    caption's other nouns.
+
+    group_embeds: [B, G, D] projected final groups; prompt_embeds: [B, K, D] the caption's noun prompts; valid:
+    [B, K] bool, False for padding prompts; group_area: [B, G] share of the patches each group holds as inference
+    assigns them (arg-max), no gradient. For noun k of image b, with cosines S[k, g] and scale s:
+
+        w[k, g] = area[g] * exp(s * S[k, g]) / sum_g' (...)     (pooling over pixels: a group without any is out)
+        r_k     = normalise(sum_g w[k, g] * group_g)
+        loss    = mean over valid k of CE_k'(s * cos(r_k, noun_k'), target k), k' over the image's valid nouns
+
+    If every group carried the whole caption (the pooled contrastive loss is indifferent to it), every r_k would be
+    the same vector and the cross-entropy could not fall below log(#nouns): the loss asks for groups that stand for
+    one noun each, among the groups inference will name. Nouns of other images are not negatives (the same word
+    recurs across a batch), so nothing is gathered across ranks; without a cross-image loss on the prompts
+    (GroupViT's multi-label loss) their embeddings are free to drift together, so the two go together. Images with
+    fewer than two valid nouns contribute nothing.
+    """
+    groups = F.normalize(group_embeds.float(), dim=-1)
+    nouns = F.normalize(prompt_embeds.float(), dim=-1)
+    scale = clamp_logit_scale(log_scale.float())
+    area = group_area.detach().float().unsqueeze(1)  # [B, 1, G]
+    pool = (scale * nouns @ groups.transpose(1, 2)).masked_fill(area <= 0, float('-inf')) + area.clamp(min=1e-12).log()
+    regions = F.normalize(pool.softmax(dim=-1) @ groups, dim=-1)  # [B, K, D]
+    logits = scale * regions @ nouns.transpose(1, 2)  # [B, K(region), K(noun)]
+    logits = logits.masked_fill(~valid.unsqueeze(1), float('-inf'))
+    K = nouns.shape[1]
+    labels = torch.arange(K, device=nouns.device).expand(nouns.shape[0], K)
+    ce = F.cross_entropy(logits.flatten(0, 1).masked_fill(~valid.flatten().unsqueeze(1), 0.0), labels.flatten(),
+                         reduction='none')
+    keep = (valid & (valid.sum(dim=1, keepdim=True) >= 2)).flatten().to(ce.dtype)
+    return (ce * keep).sum() / keep.sum().clamp(min=1.0)
 
 
 @torch.no_grad()

@@ -242,6 +242,7 @@ def test_worker_uint8_then_device_normalisation_equals_torchvision():
 
 def test_multi_label_prompts():
     assert extract_prompt_words('Two red circles and a blue square on the grass') == ['circles', 'square', 'grass']
+    assert extract_prompt_words('A photo of a box in front of bricks') == ['box', 'bricks']  # picture words dropped
     tok = CaptionTokenizer(16, num_prompts=3, templates=('a photo of a {}.',))
     out = tok('a cat on a sofa', random.Random(0))
     assert out.shape == (4, 16)

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pgseg.losses import contrastive_loss, multi_label_contrastive_loss, prototype_contrastive_loss
+from pgseg.losses import contrastive_loss, multi_label_contrastive_loss, noun_grounding_loss, prototype_contrastive_loss
 
 
 def _ce(logits_row: torch.Tensor, target: int) -> float:
@@ -78,3 +78,39 @@ def test_prototype_loss_with_nothing_kept_is_zero_not_nan():
     protos = groups[:, [1, 2, 0]]
     loss = prototype_contrastive_loss(groups, protos, torch.tensor(0.0), threshold=0.999, pair_score='diagonal')
     assert float(loss) == 0.0
+
+
+def test_noun_grounding_loss_by_hand():
+    B, G, K, D, s = 3, 4, 3, 6, 10.0
+    groups, nouns = torch.randn(B, G, D), torch.randn(B, K, D)
+    area = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.25] * 4, [0.1, 0.2, 0.3, 0.4]])
+    valid = torch.tensor([[True, True, True], [True, False, True], [True, False, False]])  # image 2: one noun
+    g, n = F.normalize(groups, dim=-1), F.normalize(nouns, dim=-1)
+    terms = []
+    for b in range(2):  # image 2 has a single valid noun: nothing to contrast
+        ks = [k for k in range(K) if valid[b, k]]
+        owned = [j for j in range(G) if area[b, j] > 0]
+        for k in ks:
+            w = torch.stack([area[b, j] * torch.exp(s * n[b, k] @ g[b, j]) for j in owned])
+            region = F.normalize((w / w.sum()) @ g[b, owned], dim=0)
+            row = torch.stack([s * region @ n[b, j] for j in ks])
+            terms.append(_ce(row, ks.index(k)))
+    got = noun_grounding_loss(groups, nouns, valid, area, torch.tensor(math.log(s)))
+    assert abs(float(got) - sum(terms) / len(terms)) < 1e-5
+
+
+def test_noun_grounding_loss_asks_for_one_noun_per_group():
+    nouns = torch.eye(3)[None]  # three orthogonal nouns
+    valid, area = torch.ones(1, 3, dtype=torch.bool), torch.full((1, 3), 1 / 3)
+    log_scale = torch.tensor(math.log(50.0))
+    # every group carries the whole caption: all regions coincide, the loss sits at log(#nouns)
+    mixed = noun_grounding_loss(torch.ones(1, 3, 3), nouns, valid, area, log_scale)
+    assert abs(float(mixed) - math.log(3)) < 1e-5
+    # one group per noun: near 0
+    assert float(noun_grounding_loss(torch.eye(3)[None], nouns, valid, area, log_scale)) < 1e-3
+    # a group that wins no patch cannot stand for its noun, however well it matches
+    assert float(noun_grounding_loss(torch.eye(3)[None], nouns, valid, torch.tensor([[0.5, 0.5, 0.0]]),
+                                     log_scale)) > 0.2
+    groups = torch.eye(3)[None].clone().requires_grad_()
+    noun_grounding_loss(groups + 0.1, nouns, valid, area, log_scale).backward()
+    assert groups.grad.abs().sum() > 0

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pgseg
+from pgseg.config import ConfigError
 from pgseg.models.grouping import straight_through_hard
 from pgseg.models.image_encoder import resize_pos_embed
 from pgseg.models.npr import em_prototypes
@@ -125,11 +126,42 @@ def test_multi_label_tokens():
     assert model.multi_label_logit_scale.grad is not None
 
 
+def test_noun_grounding_in_the_model():
+    cfg = tiny_model_config('pgseg', 'paper')
+    cfg.grounding_weight = 0.5
+    with pytest.raises(ConfigError, match='model.multi_label'):
+        pgseg.build_model(cfg)
+    cfg.multi_label, cfg.multi_label_loss_weight = 2, 0.0
+    model = pgseg.build_model(cfg).train()
+    images, tokens = tiny_batch()
+    prompts = pgseg.tokenize(['a photo of a dog', 'a photo of a cat'] * 4, context_length=16).reshape(4, 2, 16)
+    running = model.img_projector.linear_hidden[1].running_mean.clone()
+    losses = model.compute_losses(images, torch.cat([tokens.unsqueeze(1), prompts], dim=1))
+    assert 'multi_label' not in losses  # weight 0: GroupViT's loss is skipped, its prompts still feed grounding
+    assert losses['grounding'] > 0
+    torch.testing.assert_close(losses['loss'], losses['itc'] + losses['npr'] + 0.5 * losses['grounding'])
+    # the groups are projected with frozen statistics: only the pooled embedding moves the running mean, once
+    model.img_projector(model.img_encoder(images).tokens.mean(dim=1))
+    assert not torch.equal(running, model.img_projector.linear_hidden[1].running_mean)
+    model.zero_grad()
+    losses['grounding'].backward()
+    last_grouping = [layer.downsample for layer in model.img_encoder.layers if layer.downsample is not None][-1]
+    assert last_grouping.assign.v_proj.weight.grad.abs().sum() > 0
+    # the soft variant weights the groups by their mean soft assignment: another value, the same terms
+    model.cfg.grounding_area = 'soft'
+    soft = model.compute_losses(images, torch.cat([tokens.unsqueeze(1), prompts], dim=1))
+    assert torch.isfinite(soft['grounding']) and soft['grounding'] > 0
+    model.cfg.grounding_area = 'hard'
+    # padding prompts (the caption again) are not nouns: with one real noun per image there is nothing to contrast
+    padded = torch.stack([tokens, prompts[:, 0], tokens], dim=1)
+    assert float(model.compute_losses(images, padded)['grounding'].detach()) == 0.0
+
+
 @pytest.mark.parametrize('variant', ['paper', 'reference'])
 def test_training_losses_do_not_depend_on_padding(variant):
     """The trainer cuts every batch's padding after its last EOT: each loss must be what the full context gives."""
     cfg = tiny_model_config('pgseg', variant)
-    cfg.multi_label = 2
+    cfg.multi_label, cfg.grounding_weight = 2, 1.0
     model = pgseg.build_model(cfg).train()
     images, tokens = tiny_batch()
     prompts = pgseg.tokenize(['a photo of a dog', 'a photo of a cat'] * 4, context_length=16).reshape(4, 2, 16)

@@ -31,8 +31,9 @@ def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[..., :int(tokens.argmax(dim=-1).max()) + 1]
 
 
-# Function words and common adjectives. GroupViT keeps the words nltk tags as nouns or verbs; without a tagger
-# (and its download) pgseg keeps the words that are none of these.
+# Function words, common adjectives and the words captions use for the picture itself ("a photo of", "an image
+# showing"). GroupViT keeps the words nltk tags as nouns or verbs; without a tagger (and its download) pgseg keeps
+# the words that are none of these.
 _STOPWORDS = frozenset("""
 a an the this that these those there here it its it's they them their he she his her him we us our you your i me my
 and or but nor so yet of in on at by for with without from to into onto over under above below near next beside
@@ -43,6 +44,8 @@ one two three four five six seven eight nine ten first second third several lots
 red orange yellow green blue purple pink black white grey gray brown lime teal cyan magenta violet dark light
 big small large little tiny huge tall short long old new young good bad nice pretty beautiful great best
 what which who whom whose when where why how as if then while because like
+picture pictures photo photos photograph image images drawing snapshot close-up shapes showing shows look see view
+scene background front
 """.split())
 
 

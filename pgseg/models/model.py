@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ConfigError, ModelConfig
 from ..data.text import tokenize, trim_padding
-from ..losses import contrastive_loss, multi_label_contrastive_loss, prototype_contrastive_loss
+from ..losses import contrastive_loss, multi_label_contrastive_loss, noun_grounding_loss, prototype_contrastive_loss
 from .image_encoder import GroupViTImageEncoder, ImageFeatures
 from .matching import MatchHandle, match_async
 from .projection import ProjectionMLP, frozen_bn_statistics
@@ -63,6 +63,14 @@ class GroupSegModel(nn.Module):
         if npr.stage_weights is not None and len(npr.stage_weights) != num_grouping:
             raise ConfigError(f'model.npr.stage_weights has {len(npr.stage_weights)} entries; the image encoder has '
                               f'{num_grouping} grouping stages')
+        if cfg.grounding_weight > 0 and cfg.multi_label <= 0:
+            raise ConfigError(f'model.grounding_weight={cfg.grounding_weight} needs noun prompts: set '
+                              f'model.multi_label to the number of prompts per caption (e.g. 3); it is '
+                              f'{cfg.multi_label}')
+        if cfg.grounding_weight < 0:
+            raise ConfigError(f'model.grounding_weight must be >= 0, got {cfg.grounding_weight}')
+        if cfg.grounding_area not in ('hard', 'soft'):
+            raise ConfigError(f"model.grounding_area must be 'hard' or 'soft', got {cfg.grounding_area!r}")
         if cfg.multi_label > 0 and not cfg.share_temperature:
             self.multi_label_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.contrast_temperature)))
 
@@ -74,14 +82,10 @@ class GroupSegModel(nn.Module):
         return self._image_output(feats, with_group_embeds)
 
     def _image_output(self, feats: ImageFeatures, with_group_embeds: bool) -> ImageOutput:
-        maps: list[torch.Tensor] = []
-        for stage in feats.stages:
-            soft = stage.grouping.soft_map.transpose(1, 2)  # [B, N_in, G]
-            maps.append(soft if not maps else maps[-1] @ soft)  # compose down to the patches
         return ImageOutput(
             image_embeds=self.img_projector(feats.tokens.mean(dim=1)),
             group_embeds=self.img_projector(feats.tokens) if with_group_embeds else None,
-            group_maps=maps, grid=feats.grid)
+            group_maps=_patch_group_maps(feats), grid=feats.grid)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [N, L] CLIP BPE ids -> projected EOT embeddings [N, D], not normalised."""
@@ -172,15 +176,35 @@ class GroupSegModel(nn.Module):
             token_feats = token_feats.reshape(*all_tokens.shape, -1)[:, 0]
         losses = {'itc': contrastive_loss(image_embeds, text_embeds, self.logit_scale)}
         total = losses['itc']
-        if prompts is not None:
+        if prompts is not None and self.cfg.multi_label_loss_weight > 0:
             scale = getattr(self, 'multi_label_logit_scale', self.logit_scale)
             losses['multi_label'] = multi_label_contrastive_loss(image_embeds, prompt_embeds, scale)
             total = total + self.cfg.multi_label_loss_weight * losses['multi_label']
+        if prompts is not None and self.cfg.grounding_weight > 0:
+            losses['grounding'] = self._grounding_loss(feats, tokens, prompts, prompt_embeds)
+            total = total + self.cfg.grounding_weight * losses['grounding']
         if self.is_pgseg:
             losses.update(self._prototype_losses(feats, tokens, pooled, token_feats, matches, variant))
             total = total + losses['npr']
         losses['loss'] = total
         return losses
+
+    def _grounding_loss(self, feats: ImageFeatures, tokens: torch.Tensor, prompts: torch.Tensor,
+                        prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """The noun grounding loss on the final groups as inference names them: projected with BatchNorm running
+        statistics left alone, each weighted by its share of the patches in the noise-free assignment: the patches
+        it wins (``grounding_area: hard``) or its mean soft assignment (``soft``, which lets a group that wins no
+        patch stand for a noun)."""
+        with frozen_bn_statistics(self.img_projector):
+            group_embeds = self.img_projector(feats.tokens)  # [B, G, D]
+        with torch.no_grad():
+            soft = _patch_group_maps(feats)[-1]  # [B, N, G]
+            if self.cfg.grounding_area == 'soft':
+                area = soft.mean(dim=1)  # [B, G]
+            else:
+                area = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).float().mean(dim=1)
+            valid = (prompts != tokens.unsqueeze(1)).any(dim=-1)  # [B, K]: a padding prompt repeats the caption
+        return noun_grounding_loss(group_embeds, prompt_embeds, valid, area, self.logit_scale)
 
     def _check_variant(self, variant: str) -> None:
         needs = {'reference': 'Atten', 'paper': 'token_prototypes'}
@@ -246,6 +270,15 @@ class GroupSegModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.img_encoder.set_grad_checkpointing(enable)
         self.text_encoder.set_grad_checkpointing(enable)
+
+
+def _patch_group_maps(feats: ImageFeatures) -> list[torch.Tensor]:
+    """Per grouping stage, the noise-free soft assignment composed down to the patches: [B, N_patches, G_k]."""
+    maps: list[torch.Tensor] = []
+    for stage in feats.stages:
+        soft = stage.grouping.soft_map.transpose(1, 2)  # [B, N_in, G]
+        maps.append(soft if not maps else maps[-1] @ soft)
+    return maps
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
