@@ -103,10 +103,10 @@ class ModelConfig:
     grounding_weight: float = 0.0
     grounding_area: Literal['hard', 'soft'] = 'hard'  # group weights: share of patches won, or mean soft assignment
     share_temperature: bool = False
-    # scaled-dot-product attention kernels: 'auto' = plain matmul+softmax when training on the CPU under bf16
-    # autocast (the CPU flash kernel's backward is slow at these sequence lengths), PyTorch's fused choice otherwise
-    # (also CPU inference, where the flash forward is 1.5x faster);
-    # 'math' / 'fused' force one
+    # scaled-dot-product attention kernels: 'auto' = when training on the CPU under bf16 autocast, plain matmul+softmax
+    # for sequences shorter than models.model.CPU_FLASH_MIN_TOKENS (160; the CPU flash kernel's backward is slow
+    # there) and flash from it on, per tower; PyTorch's fused choice otherwise (also CPU inference, where the flash
+    # forward is 1.5x faster); 'math' / 'fused' force one
     attention: Literal['auto', 'math', 'fused'] = 'auto'
 
 

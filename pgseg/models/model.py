@@ -123,7 +123,7 @@ class GroupSegModel(nn.Module):
         """images: [B, 3, H, W]; tokens: [B, L] captions, or [B, 1+K, L] caption + K noun prompts (multi-label).
 
         Returns ``itc``, for PGSeg ``npr`` (already weighted) and its unweighted parts ``npr_image_<k>`` and
-        ``npr_text``, ``multi_label`` when enabled, and ``loss``, the sum to minimise.
+        ``npr_text``, ``multi_label`` and ``grounding`` when enabled, and ``loss``, the sum to minimise.
         """
         return self._compute_losses(images, tokens, npr_variant or self.cfg.npr.variant)
 
@@ -162,14 +162,12 @@ class GroupSegModel(nn.Module):
             for stage in feats.stages:  # start the image matchings now; they finish while the text tower runs
                 matches.append(match_async(_cosine(stage.grouping.group_queries, stage.prototypes),
                                            maximize=variant == 'paper'))
+        all_tokens = tokens if prompts is None else torch.cat([tokens.unsqueeze(1), prompts], dim=1)  # [B, (1+K,) L]
+        with self.attention_kernels(tokens.device, tokens.shape[-1]):
+            pooled, token_feats = self.text_encoder.encode(all_tokens.flatten(0, -2))
         if prompts is None:
-            with self.attention_kernels(tokens.device, tokens.shape[-1]):
-                pooled, token_feats = self.text_encoder.encode(tokens)
             text_embeds = self.text_projector(pooled)
         else:  # caption and prompts in one pass, one BatchNorm batch, as the official code
-            all_tokens = torch.cat([tokens.unsqueeze(1), prompts], dim=1)  # [B, 1+K, L]
-            with self.attention_kernels(tokens.device, tokens.shape[-1]):
-                pooled, token_feats = self.text_encoder.encode(all_tokens.flatten(0, 1))
             embeds = self.text_projector(pooled).reshape(*all_tokens.shape[:2], -1)  # [B, 1+K, D]
             text_embeds, prompt_embeds = embeds[:, 0], embeds[:, 1:]
             pooled = pooled.reshape(*all_tokens.shape[:2], -1)[:, 0]
@@ -180,23 +178,30 @@ class GroupSegModel(nn.Module):
             scale = getattr(self, 'multi_label_logit_scale', self.logit_scale)
             losses['multi_label'] = multi_label_contrastive_loss(image_embeds, prompt_embeds, scale)
             total = total + self.cfg.multi_label_loss_weight * losses['multi_label']
-        if prompts is not None and self.cfg.grounding_weight > 0:
-            losses['grounding'] = self._grounding_loss(feats, tokens, prompts, prompt_embeds)
+        grounding = prompts is not None and self.cfg.grounding_weight > 0
+        # the final groups as inference classifies them, for the grounding loss and the paper NPR text term
+        group_embeds = self._frozen_group_embeds(feats) if grounding or (self.is_pgseg and variant == 'paper') else None
+        if grounding:
+            losses['grounding'] = self._grounding_loss(feats, group_embeds, tokens, prompts, prompt_embeds)
             total = total + self.cfg.grounding_weight * losses['grounding']
         if self.is_pgseg:
-            losses.update(self._prototype_losses(feats, tokens, pooled, token_feats, matches, variant))
+            losses.update(self._prototype_losses(feats, group_embeds, tokens, pooled, token_feats, matches, variant))
             total = total + losses['npr']
         losses['loss'] = total
         return losses
 
-    def _grounding_loss(self, feats: ImageFeatures, tokens: torch.Tensor, prompts: torch.Tensor,
-                        prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """The noun grounding loss on the final groups as inference names them: projected with BatchNorm running
-        statistics left alone, each weighted by its share of the patches in the noise-free assignment: the patches
-        it wins (``grounding_area: hard``) or its mean soft assignment (``soft``, which lets a group that wins no
-        patch stand for a noun)."""
+    def _frozen_group_embeds(self, feats: ImageFeatures) -> torch.Tensor:
+        """The final groups projected [B, G, D], with the BatchNorm running statistics left alone (they belong to
+        the pooled embedding inference also projects)."""
         with frozen_bn_statistics(self.img_projector):
-            group_embeds = self.img_projector(feats.tokens)  # [B, G, D]
+            return self.img_projector(feats.tokens)
+
+    def _grounding_loss(self, feats: ImageFeatures, group_embeds: torch.Tensor, tokens: torch.Tensor,
+                        prompts: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """The noun grounding loss on the final groups as inference names them (``group_embeds`` [B, G, D]), each
+        weighted by its share of the patches in the noise-free assignment: the patches it wins
+        (``grounding_area: hard``) or its mean soft assignment (``soft``, which lets a group that wins no patch
+        stand for a noun)."""
         with torch.no_grad():
             soft = _patch_group_maps(feats)[-1]  # [B, N, G]
             if self.cfg.grounding_area == 'soft':
@@ -214,7 +219,8 @@ class GroupSegModel(nn.Module):
             raise ValueError(f'this model was built for the {self.cfg.npr.variant!r} NPR variant and has no '
                              f'{variant!r} text prototypes; rebuild it with model.npr.variant={variant}')
 
-    def _prototype_losses(self, feats: ImageFeatures, tokens: torch.Tensor, pooled: torch.Tensor,
+    def _prototype_losses(self, feats: ImageFeatures, group_embeds: torch.Tensor | None, tokens: torch.Tensor,
+                          pooled: torch.Tensor,
                           token_feats: torch.Tensor, matches: list[MatchHandle], variant: str) -> dict:
         npr = self.cfg.npr
         pair_score = 'column0' if variant == 'reference' else 'diagonal'
@@ -229,8 +235,8 @@ class GroupSegModel(nn.Module):
             text_side = text_mu
         else:
             protos, em_mu = self.text_encoder.token_prototypes(token_feats, valid_token_mask(tokens))
-            with frozen_bn_statistics(self.img_projector), frozen_bn_statistics(self.text_projector):
-                group_side = self.img_projector(feats.tokens)  # [B, G, D]: the final groups inference classifies
+            group_side = group_embeds  # [B, G, D]: the final groups inference classifies
+            with frozen_bn_statistics(self.text_projector):
                 text_side = self.text_projector(protos)  # [B, K, D]
         text_match = match_async(_cosine(group_side, text_side), maximize=variant == 'paper')
         weights = npr.stage_weights if (variant == 'paper' and npr.stage_weights) else [1.0] * len(feats.stages)
