@@ -101,8 +101,26 @@ class ModelConfig:
     # pgseg extension, not in GroupViT or PGSeg (0 = off, the official recipes): weight of the within-image noun
     # grounding loss (losses.noun_grounding_loss) on the final groups; it reads the model.multi_label noun prompts
     grounding_weight: float = 0.0
-    grounding_area: Literal['hard', 'soft'] = 'hard'  # group weights: share of patches won, or mean soft assignment
+    grounding_area: Literal['hard', 'soft'] = 'hard'  # noun losses' group weights: share of patches won, or mean soft
+    # pgseg extension (0 = off, the official recipes): weight of the cross-image noun-to-group loss
+    # (losses.group_word_loss: each noun prompt must find its own image by that image's best final group); it reads
+    # the model.multi_label noun prompts
+    group_word_weight: float = 0.0
+    # the training step from which the two noun losses (grounding_weight, group_word_weight) count: before it the
+    # grouping forms under the other losses alone (the trainer sets GroupSegModel.step)
+    noun_losses_start_step: int = 0
+    # pgseg extension (0 = off, the official recipes): weight of the group-balance loss (losses.group_balance_loss),
+    # which asks every image to spread its patches over at least balance_min_groups final groups (the exponential
+    # of the entropy of the patches' shares as inference splits them, without the Gumbel noise of training), against
+    # the collapse into one group
+    balance_weight: float = 0.0
+    balance_min_groups: float = 3.0
     share_temperature: bool = False
+    # pgseg option, not in GroupViT or PGSeg: where the image embedding pools the final groups. 'tokens' (the
+    # release): project the groups' mean, so the projection head's BatchNorm learns the statistics of means while
+    # inference projects each group alone; 'embeds': project every group and average the projections, so training
+    # and inference put the same kind of input through the head
+    image_pooling: Literal['tokens', 'embeds'] = 'tokens'
     # scaled-dot-product attention kernels: 'auto' = when training on the CPU under bf16 autocast, plain matmul+softmax
     # for sequences shorter than models.model.CPU_FLASH_MIN_TOKENS (160; the CPU flash kernel's backward is slow
     # there) and flash from it on, per tower; PyTorch's fused choice otherwise (also CPU inference, where the flash

@@ -215,6 +215,7 @@ def _loop(cfg, ddp, model, stream, loader, optimizer, scheduler, scaler, state, 
             if len(micro) < cfg.train.grad_accum_steps:
                 continue
             model.train()
+            model.step = state.step  # the noun losses' start (model.noun_losses_start_step)
             result = train_step(ddp, micro, optimizer, cfg.train.precision, cfg.optim.clip_grad, scaler)
             micro = []
             pending.append(result.applied)  # read at log / checkpoint time: no host sync per step

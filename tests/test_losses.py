@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from pgseg.losses import contrastive_loss, multi_label_contrastive_loss, noun_grounding_loss, prototype_contrastive_loss
+from pgseg.losses import (contrastive_loss, group_balance_loss, group_word_loss, multi_label_contrastive_loss,
+                          noun_grounding_loss, prototype_contrastive_loss)
 
 
 def _ce(logits_row: torch.Tensor, target: int) -> float:
@@ -114,3 +116,48 @@ def test_noun_grounding_loss_asks_for_one_noun_per_group():
     groups = torch.eye(3)[None].clone().requires_grad_()
     noun_grounding_loss(groups + 0.1, nouns, valid, area, log_scale).backward()
     assert groups.grad.abs().sum() > 0
+
+
+def test_group_balance_loss_by_hand():
+    one = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    two = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    four = torch.full((1, 4), 0.25)
+    assert group_balance_loss(one, 3.0).item() == pytest.approx(math.log(3.0), abs=1e-6)
+    assert group_balance_loss(two, 3.0).item() == pytest.approx(math.log(3.0) - math.log(2.0), abs=1e-6)
+    assert group_balance_loss(four, 3.0).item() == 0.0  # already spread over more than 3 groups: no push
+    assert group_balance_loss(torch.cat([one, four]), 3.0).item() == pytest.approx(math.log(3.0) / 2, abs=1e-6)
+    usage = two.clone().requires_grad_()
+    group_balance_loss(usage, 3.0).backward()
+    assert usage.grad[0, 2] < usage.grad[0, 0]  # moving patches into an empty group lowers the loss
+    with pytest.raises(ValueError, match='min_groups'):
+        group_balance_loss(two, 0.5)
+
+
+def test_group_word_loss_by_hand():
+    """Each prompt scores every image by its best winning group; same-prompt images are not negatives."""
+    e = torch.eye(4)
+    # image 0: groups (circle, grass); image 1: groups (star, grass); image 2: groups (circle-like, unused star)
+    groups = torch.stack([torch.stack([e[0], e[2]]), torch.stack([e[1], e[2]]),
+                          torch.stack([F.normalize(e[0] + e[3], dim=0), e[1]])])  # [3, 2, 4]
+    area = torch.tensor([[0.3, 0.7], [0.4, 0.6], [1.0, 0.0]])
+    prompts = torch.stack([e[0], e[1], e[3]]).unsqueeze(1)  # one prompt per image: circle, star, other: [3, 1, 4]
+    keys = torch.tensor([[10], [11], [12]])
+    valid = torch.ones(3, 1, dtype=torch.bool)
+    s = 10.0
+    got = group_word_loss(groups, area, prompts, keys, valid, torch.tensor(math.log(s)))
+    c = 1 / math.sqrt(2)
+    # scores[prompt, image]: best cosine over the image's groups that win patches (image 2's star group wins none)
+    scores = torch.tensor([[1.0, 0.0, c], [0.0, 1.0, 0.0], [0.0, 0.0, c]])
+    expected = F.cross_entropy(s * scores, torch.arange(3))
+    torch.testing.assert_close(got, expected)
+    # image 2 also has the prompt 'circle' (key 10): it is left out of prompt 0's denominator, not a negative
+    keys_shared = torch.tensor([[10], [11], [10]])
+    got = group_word_loss(groups, area, prompts, keys_shared, valid, torch.tensor(math.log(s)))
+    masked = (s * scores).masked_fill(torch.tensor([[False, False, True], [False] * 3, [True, False, False]]),
+                                      float('-inf'))
+    torch.testing.assert_close(got, F.cross_entropy(masked, torch.arange(3)))
+    # padding prompts do not count
+    valid[1, 0] = False
+    got = group_word_loss(groups, area, prompts, keys, valid, torch.tensor(math.log(s)))
+    ce = F.cross_entropy(s * scores, torch.arange(3), reduction='none')
+    torch.testing.assert_close(got, (ce[0] + ce[2]) / 2)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import pytest
@@ -82,7 +83,7 @@ def test_assign_gain_scales_only_the_assigned_mean():
     from pgseg.models.grouping import AssignAttention, GroupingBlock
     torch.manual_seed(0)
     base, loud, groups, x = _twin(AssignAttention(16), AssignAttention(16, gain=8.0))
-    (out, hard, soft), (out8, hard8, soft8) = base(groups, x), loud(groups, x)
+    (out, hard, soft, _), (out8, hard8, soft8, _) = base(groups, x), loud(groups, x)
     torch.testing.assert_close(out8, 8 * out)
     torch.testing.assert_close(hard8, hard)  # the assignment itself is unchanged
     torch.testing.assert_close(soft8, soft)
@@ -157,6 +158,39 @@ def test_noun_grounding_in_the_model():
     assert float(model.compute_losses(images, padded)['grounding'].detach()) == 0.0
 
 
+def test_group_word_loss_in_the_model():
+    cfg = tiny_model_config('pgseg', 'paper')
+    cfg.group_word_weight = 0.5
+    with pytest.raises(ConfigError, match='model.multi_label'):
+        pgseg.build_model(cfg)
+    cfg.multi_label = 2
+    model = pgseg.build_model(cfg).train()
+    images, tokens = tiny_batch()
+    nouns = ['dog', 'cat', 'bird', 'car', 'dog', 'tree', 'boat', 'sky']
+    prompts = pgseg.tokenize([f'a photo of a {n}' for n in nouns], context_length=16).reshape(4, 2, 16)
+    losses = model.compute_losses(images, torch.cat([tokens.unsqueeze(1), prompts], dim=1))
+    torch.testing.assert_close(losses['loss'], losses['itc'] + losses['npr'] + losses['multi_label']
+                               + 0.5 * losses['group_word'])
+    assert losses['group_word'] > 0
+    model.zero_grad()
+    losses['group_word'].backward()
+    last_grouping = [layer.downsample for layer in model.img_encoder.layers if layer.downsample is not None][-1]
+    assert last_grouping.assign.v_proj.weight.grad.abs().sum() > 0
+    assert model.text_encoder.token_embedding.weight.grad.abs().sum() > 0
+    keys = pgseg.models.model._prompt_keys(prompts)
+    assert keys[0, 0] == keys[2, 0] and len(set(keys.flatten().tolist())) == 7
+    # every caption holds the same two nouns: no image is a negative, so there is nothing to learn
+    same = pgseg.tokenize(['a photo of a dog', 'a photo of a cat'] * 4, context_length=16).reshape(4, 2, 16)
+    value = model.compute_losses(images, torch.cat([tokens.unsqueeze(1), same], dim=1))['group_word']
+    assert float(value.detach()) == pytest.approx(0.0, abs=1e-6)
+    # model.noun_losses_start_step: before it the noun losses are left out (the trainer sets model.step)
+    model.cfg.noun_losses_start_step, model.step = 10, 9
+    early = model.compute_losses(images, torch.cat([tokens.unsqueeze(1), prompts], dim=1))
+    assert 'group_word' not in early and 'multi_label' in early
+    model.step = 10
+    assert 'group_word' in model.compute_losses(images, torch.cat([tokens.unsqueeze(1), prompts], dim=1))
+
+
 @pytest.mark.parametrize('variant', ['paper', 'reference'])
 def test_training_losses_do_not_depend_on_padding(variant):
     """The trainer cuts every batch's padding after its last EOT: each loss must be what the full context gives."""
@@ -221,6 +255,55 @@ def test_paper_variant_leaves_projection_running_stats_to_inference_batches(tiny
         model.text_projector(model.text_encoder(tokens))
     # the running statistics moved only by the caption batch, not by the prototype batch
     torch.testing.assert_close(bn.running_mean, after_losses)
+
+
+@pytest.mark.parametrize('variant', ['paper', 'reference'])
+def test_image_pooling_after_projection(variant):
+    """model.image_pooling=embeds: the image embedding is the mean of the projected groups, and in training the
+    projection head's BatchNorm takes its statistics from the B*G groups that inference projects one by one."""
+    cfg = tiny_model_config('pgseg', variant)
+    cfg.image_pooling = 'embeds'
+    model = pgseg.build_model(cfg)
+    images, tokens = tiny_batch()
+    model.eval()
+    out = model.encode_image(images)
+    torch.testing.assert_close(out.image_embeds, out.group_embeds.mean(dim=1))
+    model.train()
+    bn = model.img_projector.linear_hidden[1]
+    model.img_encoder.eval()  # no Gumbel noise: the training forward below sees these tokens
+    with torch.no_grad():
+        tokens_out = model.img_encoder(images).tokens  # [B, G, C]
+        model.compute_losses(images, tokens)
+    lin = model.img_projector.linear_hidden[0]
+    hidden = F.linear(tokens_out.reshape(-1, tokens_out.shape[-1]), lin.weight.squeeze(-1), lin.bias)
+    torch.testing.assert_close(bn.running_mean, bn.momentum * hidden.mean(dim=0), atol=1e-5, rtol=1e-4)
+    cfg.image_pooling = 'max'
+    with pytest.raises(pgseg.ConfigError, match='image_pooling'):
+        pgseg.build_model(cfg)
+
+
+def test_group_balance_in_the_model():
+    """model.balance_weight: the patches' shares of the final groups under the training assignment, with a gradient
+    into both groupings' assignment projections."""
+    cfg = tiny_model_config()
+    cfg.balance_weight, cfg.balance_min_groups = 0.5, 3.0
+    model = pgseg.build_model(cfg).train()
+    images, tokens = tiny_batch()
+    losses = model.compute_losses(images, tokens)
+    feats = model.img_encoder(images)
+    usage = pgseg.models.model._final_group_usage(feats, cfg.image.assign_temperature)
+    assert usage.shape == (images.shape[0], cfg.image.num_output_groups[-1])
+    torch.testing.assert_close(usage.sum(dim=-1), torch.ones(images.shape[0]))
+    assert 0.0 <= losses['balance'].item() <= math.log(3.0) + 1e-6
+    model.zero_grad()
+    pgseg.losses.group_balance_loss(usage, 8.0).backward()  # 8 > G: never met, always a gradient
+    for stage in model.img_encoder.layers:
+        if stage.downsample is not None:
+            assert stage.downsample.assign.q_proj.weight.grad.abs().sum() > 0
+    bad = tiny_model_config()
+    bad.balance_min_groups = 0.5
+    with pytest.raises(pgseg.ConfigError, match='balance'):
+        pgseg.build_model(bad)
 
 
 def test_class_embeddings_normalised_and_mode_restored(tiny_cfg):

@@ -73,6 +73,18 @@ def test_main_smoke_and_outputs(tmp_path, shards):
     assert json.load(open(tmp_path / 'env.json'))['world_size'] == 1
 
 
+def test_trainer_starts_the_noun_losses_at_their_step(tmp_path, shards):
+    """model.noun_losses_start_step counts the trainer's steps (the trainer sets model.step before each one)."""
+    code = train_main(['--config', TINY_CONFIG, f'train.output_dir={tmp_path}', 'log.wandb_mode=disabled',
+                       f'data.sources=[{{name: s, pattern: "{shards}"}}]', 'train.max_steps=3',
+                       'log.every_steps=1', 'log.group_maps_every_steps=0', 'data.num_workers=0',
+                       'model.multi_label=2', 'model.group_word_weight=1', 'model.noun_losses_start_step=2'])
+    assert code == 0
+    rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    # step k of the log is the k-th update, computed at model.step = k - 1
+    assert ['train/group_word' in r for r in rows] == [False, False, True]
+
+
 def test_main_reports_config_errors(tmp_path, capsys):
     assert train_main(['--config', TINY_CONFIG, f'train.output_dir={tmp_path}']) == 2
     assert 'data.sources is empty' in capsys.readouterr().err

@@ -98,10 +98,13 @@ class AssignAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.hard, self.gumbel, self.gumbel_tau, self.assign_eps = hard, gumbel, gumbel_tau, assign_eps
 
-    def forward(self, groups: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """groups: [B, S, C], x: [B, N, C] -> (out [B, S, C], assignment [B, S, N], soft map [B, S, N]).
+    def forward(self, groups: torch.Tensor, x: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """groups: [B, S, C], x: [B, N, C] -> (out [B, S, C], assignment [B, S, N], soft map [B, S, N], logits
+        [B, S, N]).
 
-        The soft map is the noise-free softmax over groups, what inference reads; no gradient is needed from it.
+        The soft map is the noise-free softmax over groups, what inference reads, without gradient; the logits
+        (temperature applied) keep theirs for the group-balance loss.
         """
         logits = (self.q_proj(groups) @ self.k_proj(x).transpose(1, 2)) * self.scale  # [B, S, N]
         soft = logits.float().softmax(dim=1)
@@ -114,7 +117,7 @@ class AssignAttention(nn.Module):
         out = self.proj(weights @ self.v_proj(x))
         if self.gain != 1.0:
             out = out * self.gain
-        return out, attn, soft.detach()
+        return out, attn, soft.detach(), logits
 
 
 @dataclass
@@ -123,6 +126,7 @@ class GroupingOutput:
     assignment: torch.Tensor  # [B, S2, N] hard (straight-through) assignment used for the output
     soft_map: torch.Tensor  # [B, S2, N] softmax over groups without noise
     group_queries: torch.Tensor  # [B, S2, C] pre-assign group tokens ('ori_center'): what NPR supervises
+    logits: torch.Tensor  # [B, S2, N] assignment logits over groups, temperature applied, with gradient
 
 
 class GroupingBlock(nn.Module):
@@ -152,7 +156,7 @@ class GroupingBlock(nn.Module):
         x = self.norm_x(x)
         queries = self.norm_post_tokens(self.mlp_inter(group_tokens))  # [B, S1, C] -> [B, S2, C]
         queries = self.pre_assign_attn(queries, x)
-        out, assignment, soft = self.assign(queries, x)
+        out, assignment, soft, logits = self.assign(queries, x)
         out = out + queries
         out = self.reduction(out) + self.mlp_channels(self.norm_new_x(out))
-        return out, GroupingOutput(assignment=assignment, soft_map=soft, group_queries=queries)
+        return out, GroupingOutput(assignment=assignment, soft_map=soft, group_queries=queries, logits=logits)

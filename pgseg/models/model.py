@@ -15,7 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ConfigError, ModelConfig
 from ..data.text import tokenize, trim_padding
-from ..losses import contrastive_loss, multi_label_contrastive_loss, noun_grounding_loss, prototype_contrastive_loss
+from ..losses import (contrastive_loss, group_balance_loss, group_word_loss, multi_label_contrastive_loss,
+                      noun_grounding_loss, prototype_contrastive_loss)
 from .image_encoder import GroupViTImageEncoder, ImageFeatures
 from .matching import MatchHandle, match_async
 from .projection import ProjectionMLP, frozen_bn_statistics
@@ -67,10 +68,21 @@ class GroupSegModel(nn.Module):
             raise ConfigError(f'model.grounding_weight={cfg.grounding_weight} needs noun prompts: set '
                               f'model.multi_label to the number of prompts per caption (e.g. 3); it is '
                               f'{cfg.multi_label}')
-        if cfg.grounding_weight < 0:
-            raise ConfigError(f'model.grounding_weight must be >= 0, got {cfg.grounding_weight}')
+        if cfg.group_word_weight > 0 and cfg.multi_label <= 0:
+            raise ConfigError(f'model.group_word_weight={cfg.group_word_weight} needs noun prompts: set '
+                              f'model.multi_label to the number of prompts per caption (e.g. 3); it is '
+                              f'{cfg.multi_label}')
+        if cfg.grounding_weight < 0 or cfg.group_word_weight < 0:
+            raise ConfigError(f'model.grounding_weight and model.group_word_weight must be >= 0, got '
+                              f'{cfg.grounding_weight} and {cfg.group_word_weight}')
         if cfg.grounding_area not in ('hard', 'soft'):
             raise ConfigError(f"model.grounding_area must be 'hard' or 'soft', got {cfg.grounding_area!r}")
+        if cfg.balance_weight < 0 or cfg.balance_min_groups < 1:
+            raise ConfigError(f'model.balance_weight must be >= 0 and model.balance_min_groups >= 1, got '
+                              f'{cfg.balance_weight} and {cfg.balance_min_groups}')
+        if cfg.image_pooling not in ('tokens', 'embeds'):
+            raise ConfigError(f"model.image_pooling must be 'tokens' or 'embeds', got {cfg.image_pooling!r}")
+        self.step = 0  # the training step, set by the trainer: the noun losses count from noun_losses_start_step
         if cfg.multi_label > 0 and not cfg.share_temperature:
             self.multi_label_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.contrast_temperature)))
 
@@ -82,10 +94,20 @@ class GroupSegModel(nn.Module):
         return self._image_output(feats, with_group_embeds)
 
     def _image_output(self, feats: ImageFeatures, with_group_embeds: bool) -> ImageOutput:
-        return ImageOutput(
-            image_embeds=self.img_projector(feats.tokens.mean(dim=1)),
-            group_embeds=self.img_projector(feats.tokens) if with_group_embeds else None,
-            group_maps=_patch_group_maps(feats), grid=feats.grid)
+        image_embeds, group_embeds = self._project_image(feats)
+        if group_embeds is None and with_group_embeds:
+            group_embeds = self.img_projector(feats.tokens)
+        return ImageOutput(image_embeds=image_embeds, group_embeds=group_embeds if with_group_embeds else None,
+                           group_maps=_patch_group_maps(feats), grid=feats.grid)
+
+    def _project_image(self, feats: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pooled image embedding [B, D] by ``model.image_pooling``, and the projected final groups [B, G, D]
+        when that pooling already computed them (``embeds``), else None. In training mode the projection head's
+        BatchNorm takes its statistics from what is projected here: the B means, or the B*G groups."""
+        if self.cfg.image_pooling == 'embeds':
+            group_embeds = self.img_projector(feats.tokens)
+            return group_embeds.mean(dim=1), group_embeds
+        return self.img_projector(feats.tokens.mean(dim=1)), None
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [N, L] CLIP BPE ids -> projected EOT embeddings [N, D], not normalised."""
@@ -155,7 +177,7 @@ class GroupSegModel(nn.Module):
             tokens, prompts = tokens[:, 0], tokens[:, 1:]
         with self.attention_kernels(images.device, self.img_encoder.max_sequence_length(images)):
             feats = self.img_encoder(images)
-        image_embeds = self.img_projector(feats.tokens.mean(dim=1))
+        image_embeds, pooled_groups = self._project_image(feats)
         matches: list[MatchHandle] = []
         if self.is_pgseg:
             self._check_variant(variant)
@@ -178,12 +200,26 @@ class GroupSegModel(nn.Module):
             scale = getattr(self, 'multi_label_logit_scale', self.logit_scale)
             losses['multi_label'] = multi_label_contrastive_loss(image_embeds, prompt_embeds, scale)
             total = total + self.cfg.multi_label_loss_weight * losses['multi_label']
-        grounding = prompts is not None and self.cfg.grounding_weight > 0
-        # the final groups as inference classifies them, for the grounding loss and the paper NPR text term
-        group_embeds = self._frozen_group_embeds(feats) if grounding or (self.is_pgseg and variant == 'paper') else None
+        nouns = prompts is not None and self.step >= self.cfg.noun_losses_start_step
+        grounding = nouns and self.cfg.grounding_weight > 0
+        group_word = nouns and self.cfg.group_word_weight > 0
+        # the final groups as inference classifies them, for the noun losses and the paper NPR text term
+        group_embeds = pooled_groups
+        if group_embeds is None and (grounding or group_word or (self.is_pgseg and variant == 'paper')):
+            group_embeds = self._frozen_group_embeds(feats)
+        if grounding or group_word:
+            area, valid = self._group_area(feats), _valid_prompts(tokens, prompts)
         if grounding:
-            losses['grounding'] = self._grounding_loss(feats, group_embeds, tokens, prompts, prompt_embeds)
+            losses['grounding'] = noun_grounding_loss(group_embeds, prompt_embeds, valid, area, self.logit_scale)
             total = total + self.cfg.grounding_weight * losses['grounding']
+        if group_word:
+            losses['group_word'] = group_word_loss(group_embeds, area, prompt_embeds, _prompt_keys(prompts), valid,
+                                                   self.logit_scale)
+            total = total + self.cfg.group_word_weight * losses['group_word']
+        if self.cfg.balance_weight > 0:
+            losses['balance'] = group_balance_loss(_final_group_usage(feats, self.cfg.image.assign_temperature),
+                                                   self.cfg.balance_min_groups)
+            total = total + self.cfg.balance_weight * losses['balance']
         if self.is_pgseg:
             losses.update(self._prototype_losses(feats, group_embeds, tokens, pooled, token_feats, matches, variant))
             total = total + losses['npr']
@@ -196,20 +232,15 @@ class GroupSegModel(nn.Module):
         with frozen_bn_statistics(self.img_projector):
             return self.img_projector(feats.tokens)
 
-    def _grounding_loss(self, feats: ImageFeatures, group_embeds: torch.Tensor, tokens: torch.Tensor,
-                        prompts: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """The noun grounding loss on the final groups as inference names them (``group_embeds`` [B, G, D]), each
-        weighted by its share of the patches in the noise-free assignment: the patches it wins
-        (``grounding_area: hard``) or its mean soft assignment (``soft``, which lets a group that wins no patch
-        stand for a noun)."""
-        with torch.no_grad():
-            soft = _patch_group_maps(feats)[-1]  # [B, N, G]
-            if self.cfg.grounding_area == 'soft':
-                area = soft.mean(dim=1)  # [B, G]
-            else:
-                area = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).float().mean(dim=1)
-            valid = (prompts != tokens.unsqueeze(1)).any(dim=-1)  # [B, K]: a padding prompt repeats the caption
-        return noun_grounding_loss(group_embeds, prompt_embeds, valid, area, self.logit_scale)
+    @torch.no_grad()
+    def _group_area(self, feats: ImageFeatures) -> torch.Tensor:
+        """[B, G]: each final group's share of the patches in the noise-free assignment, the noun losses' group
+        weights: the patches it wins (``grounding_area: hard``) or its mean soft assignment (``soft``, which lets a
+        group that wins no patch stand for a noun)."""
+        soft = _patch_group_maps(feats)[-1]  # [B, N, G]
+        if self.cfg.grounding_area == 'soft':
+            return soft.mean(dim=1)
+        return F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).float().mean(dim=1)
 
     def _check_variant(self, variant: str) -> None:
         needs = {'reference': 'Atten', 'paper': 'token_prototypes'}
@@ -285,6 +316,33 @@ def _patch_group_maps(feats: ImageFeatures) -> list[torch.Tensor]:
         soft = stage.grouping.soft_map.transpose(1, 2)  # [B, N_in, G]
         maps.append(soft if not maps else maps[-1] @ soft)
     return maps
+
+
+def _valid_prompts(tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """[B, K] bool: the prompts that name a noun (a padding prompt repeats the caption [B, L])."""
+    return (prompts != tokens.unsqueeze(1)).any(dim=-1)
+
+
+def _prompt_keys(prompts: torch.Tensor) -> torch.Tensor:
+    """[B, K, L] token ids -> [B, K] int64 keys, equal for equal prompts (a fixed random linear hash: ids below 2^16
+    times weights below 2^31, summed over at most a few hundred positions, stay far inside int64)."""
+    weights = torch.randint(1, 2 ** 31 - 1, (prompts.shape[-1],), generator=torch.Generator().manual_seed(0))
+    return (prompts.long() * weights.to(prompts.device)).sum(dim=-1)
+
+
+def _final_group_usage(feats: ImageFeatures, temperature: float) -> torch.Tensor:
+    """[B, G_final]: the share of each image's patches in each final group as inference splits them (the noise-free
+    assignment's arg-max at every stage; the Gumbel noise of training would spread the patches by chance), with the
+    straight-through gradient of the noise-free softmax of the logits times ``temperature`` (the model's
+    assignment temperature: the gradient of the release's softmax, which a low temperature does not saturate)."""
+    composed = None
+    for stage in feats.stages:
+        logits = stage.grouping.logits.float()  # [B, G_k, N_in]
+        hard = F.one_hot(logits.argmax(dim=1), logits.shape[1]).transpose(1, 2).to(logits.dtype)
+        soft = (logits * temperature).softmax(dim=1)
+        a = hard + soft - soft.detach()
+        composed = a if composed is None else a @ composed  # [B, G_k, N_patches]
+    return composed.mean(dim=-1)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
