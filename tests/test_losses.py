@@ -7,8 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgseg.losses import (contrastive_loss, group_balance_loss, group_word_loss, multi_label_contrastive_loss,
-                          noun_grounding_loss, prototype_contrastive_loss)
+from pgseg.losses import (
+    contrastive_loss,
+    group_balance_loss,
+    group_word_loss,
+    multi_label_contrastive_loss,
+    noun_grounding_loss,
+    prototype_contrastive_loss,
+)
 
 
 def _ce(logits_row: torch.Tensor, target: int) -> float:

@@ -15,8 +15,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ConfigError, ModelConfig
 from ..data.text import tokenize, trim_padding
-from ..losses import (contrastive_loss, group_balance_loss, group_word_loss, multi_label_contrastive_loss,
-                      noun_grounding_loss, prototype_contrastive_loss)
+from ..losses import (
+    contrastive_loss,
+    group_balance_loss,
+    group_word_loss,
+    multi_label_contrastive_loss,
+    noun_grounding_loss,
+    prototype_contrastive_loss,
+)
 from .image_encoder import GroupViTImageEncoder, ImageFeatures
 from .matching import MatchHandle, match_async
 from .projection import ProjectionMLP, frozen_bn_statistics
