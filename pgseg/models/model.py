@@ -23,6 +23,7 @@ from ..losses import (
     noun_grounding_loss,
     prototype_contrastive_loss,
 )
+from .grouping import straight_through_hard
 from .image_encoder import GroupViTImageEncoder, ImageFeatures
 from .matching import MatchHandle, match_async
 from .projection import ProjectionMLP, frozen_bn_statistics
@@ -343,10 +344,8 @@ def _final_group_usage(feats: ImageFeatures, temperature: float) -> torch.Tensor
     assignment temperature: the gradient of the release's softmax, which a low temperature does not saturate)."""
     composed = None
     for stage in feats.stages:
-        logits = stage.grouping.logits.float()  # [B, G_k, N_in]
-        hard = F.one_hot(logits.argmax(dim=1), logits.shape[1]).transpose(1, 2).to(logits.dtype)
-        soft = (logits * temperature).softmax(dim=1)
-        a = hard + soft - soft.detach()
+        # the arg-max of the scaled softmax is the noise-free assignment's: [B, G_k, N_in]
+        a = straight_through_hard((stage.grouping.logits.float() * temperature).softmax(dim=1), dim=1)
         composed = a if composed is None else a @ composed  # [B, G_k, N_patches]
     return composed.mean(dim=-1)
 
