@@ -176,6 +176,9 @@ class TrainLoopConfig:
     max_nonfinite_steps: int = 20  # stop with an error after this many non-finite steps in a row
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps
     time_limit_minutes: float | None = None  # stop (with a checkpoint) once training has run this long
+    # measure the step time over steps 10-30 and shorten the schedule (its cosine included) to the steps that fit in
+    # train.time_limit_minutes, so that a slower machine still finishes its schedule instead of being cut mid-decay
+    fit_schedule_to_time_limit: bool = False
     find_unused_parameters: bool = False
 
 

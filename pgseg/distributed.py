@@ -94,6 +94,15 @@ def broadcast_flag(flag: bool, src: int = 0) -> bool:
     return bool(t.item())
 
 
+def broadcast_int(value: int, src: int = 0) -> int:
+    """Rank ``src``'s integer, on every rank."""
+    if get_world_size() == 1:
+        return value
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_flag_device())
+    dist.broadcast(t, src=src)
+    return int(t.item())
+
+
 def all_ranks_true(flag: bool) -> bool:
     """True only if ``flag`` is True on every rank."""
     if get_world_size() == 1:

@@ -118,6 +118,7 @@ class RunState:
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples, by reason, summed over ranks and epochs
     best_metric: float | None = None
     wandb_id: str | None = None
+    total_steps: int | None = None  # the schedule's length once fitted to the time limit (kept across restarts)
 
     def count_step(self, applied: bool, max_streak: int) -> None:
         if applied:
@@ -133,7 +134,7 @@ class RunState:
     def state_dict(self) -> dict:
         return {'step': self.step, 'epoch': self.epoch, 'nonfinite_total': self.nonfinite_total,
                 'nonfinite_streak': self.nonfinite_streak, 'skipped': dict(self.skipped),
-                'best_metric': self.best_metric, 'wandb_id': self.wandb_id}
+                'best_metric': self.best_metric, 'wandb_id': self.wandb_id, 'total_steps': self.total_steps}
 
     @classmethod
     def from_state(cls, state: dict) -> RunState:

@@ -49,7 +49,8 @@ def evaluate_segmentation(model, dataset: SegmentationDataset, protocol: Protoco
     all ranks. ``bg_thresh`` overrides the protocol's value for this dataset."""
     model.eval()
     prompts, with_bg = _class_prompts(dataset)
-    class_embeds = model.class_embeddings(prompts, templates=get_templates(protocol.templates)).to(device)
+    words = list(protocol.background_words) if with_bg else []
+    class_embeds = model.class_embeddings(prompts + words, templates=get_templates(protocol.templates)).to(device)
     bg_value, constant = (None, False)
     if with_bg:
         bg_value, constant = (bg_thresh, False) if bg_thresh is not None else protocol.background_for(dataset.spec.name)
@@ -61,6 +62,8 @@ def evaluate_segmentation(model, dataset: SegmentationDataset, protocol: Protoco
         image, label, image_id = dataset[i]
         pred, _ = predict_labels(model, image, class_embeds, bg_value, with_bg, protocol, device, autocast_dtype,
                                  bg_constant=constant)
+        if words:  # channels 1..K are the classes, K+1.. the background words
+            pred = pred.masked_fill(pred > len(prompts), 0)
         conf += confusion_matrix(pred.cpu(), label, dataset.num_classes)
         if len(visuals) < num_visuals:
             visuals.append((image, pred.cpu().numpy(), label))
@@ -214,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--protocol', default='pgseg', choices=list(PROTOCOLS))
     parser.add_argument('--bg-thresh', type=float, default=None, help="override the protocol's background value")
     parser.add_argument('--templates', default=None, help="prompt template set (default: the protocol's)")
+    parser.add_argument('--background-words', default=None,
+                        help='comma-separated prompts that stand for background ("grass,sky,wall"): they compete with '
+                        'the classes and a pixel won by one is background (datasets with a background class only)')
     parser.add_argument('--short-side', type=int, default=None, help="resize short side (default: the protocol's)")
     parser.add_argument('--crop-size', type=int, default=None, help="sliding-window size (default: the protocol's)")
     parser.add_argument('--stride', type=int, default=None, help="sliding-window stride (default: the protocol's)")
@@ -235,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         device, _ = init_distributed()
         model = load_model(args.checkpoint).to(device)
         protocol = get_protocol(args.protocol, templates=args.templates, short_side=args.short_side,
-                                crop_size=args.crop_size, stride=args.stride)
+                                crop_size=args.crop_size, stride=args.stride,
+                                background_words=_split_words(args.background_words))
         dtype = torch.bfloat16 if args.bf16 else None
         results = {'checkpoint': args.checkpoint, 'protocol': protocol.describe(), 'results': []}
         os.makedirs(args.out, exist_ok=True)
@@ -263,6 +270,15 @@ def main(argv: list[str] | None = None) -> int:
             _log_wandb(args, results)
 
     return run_command('pgseg-eval', body, (LayoutError, CheckpointError, ValueError))
+
+
+def _split_words(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    words = tuple(w.strip() for w in text.split(',') if w.strip())
+    if not words:
+        raise ValueError(f'--background-words {text!r} names no word; give comma-separated prompts like "grass,sky"')
+    return words
 
 
 def _main_prompts(args) -> int:

@@ -52,3 +52,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return CosineLRScheduler(optimizer, t_initial=t_initial, lr_min=min_lr, warmup_t=warmup_steps,
                              warmup_lr_init=warmup_lr, warmup_prefix=warmup_prefix, t_in_epochs=False,
                              cycle_limit=1)
+
+
+def shorten_schedule(scheduler: CosineLRScheduler, total_steps: int, warmup_steps: int,
+                     warmup_prefix: bool = True) -> None:
+    """Make the cosine of ``build_scheduler`` end at ``total_steps`` instead (same warmup, same end LR)."""
+    scheduler.t_initial = max(1, total_steps - warmup_steps) if warmup_prefix else max(1, total_steps)

@@ -36,12 +36,20 @@ from .config import ConfigError, TrainConfig, config_to_dict, config_to_yaml, lo
 from .data.text import CaptionTokenizer, trim_padding
 from .data.transforms import TrainTransform, normalize_batch
 from .data.webdataset import StreamPosition, TrainStream, build_train_loader, expand_source
-from .distributed import broadcast_flag, get_rank, get_world_size, init_distributed, is_main_process, run_command
+from .distributed import (
+    broadcast_flag,
+    broadcast_int,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    run_command,
+)
 from .engine import RunState, capture_rng, restore_rng, train_step
 from .eval.visualize import group_map_grid
 from .metrics import MetricsLogger
 from .models import build_model
-from .optim import build_optimizer, build_scheduler, scaled_lrs
+from .optim import build_optimizer, build_scheduler, scaled_lrs, shorten_schedule
 from .prompts import get_templates
 
 log = logging.getLogger('pgseg.train')
@@ -121,6 +129,9 @@ def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:
             json.dump(environment_info(world), f, indent=1)
     torch.manual_seed(cfg.train.seed + rank)
 
+    if cfg.train.fit_schedule_to_time_limit and cfg.train.time_limit_minutes is None:
+        raise ConfigError('train.fit_schedule_to_time_limit=true needs train.time_limit_minutes (the budget the '
+                          'schedule is fitted to)')
     # data
     if not cfg.data.sources:
         raise ConfigError('data.sources is empty: list at least one shard source (name, pattern)')
@@ -173,6 +184,7 @@ def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:
                         world, saved['world_size'], state.epoch)
             position = StreamPosition(epoch=state.epoch)
         log.info('resumed from %s at step %d (epoch %d)', resume, state.step, state.epoch)
+        total_steps = state.total_steps or total_steps  # a schedule fitted to the time limit keeps its length
     # gradients as views of the communication buckets (no copy) and a static graph (the same parameters are used
     # every step): about 10% of a small model's CPU step under gloo
     ddp = (DistributedDataParallel(model, device_ids=[local_rank] if device.type == 'cuda' else None,
@@ -200,6 +212,8 @@ def _loop(cfg, ddp, model, stream, loader, optimizer, scheduler, scaler, state, 
     start, skip_base = time.time(), dict(state.skipped)
     bar = tqdm(total=total_steps, initial=state.step, disable=not is_main_process(), unit='step', dynamic_ncols=True)
     fixed_batch, micro, last_time, worker_skips, pending = None, [], time.time(), {}, []
+    fit = cfg.train.fit_schedule_to_time_limit and state.total_steps is None and state.step < FIT_FROM
+    probe_start = None
     scheduler.step_update(state.step)
     done = _stop_requested(state, cfg, start, total_steps)
     while not done:
@@ -221,6 +235,11 @@ def _loop(cfg, ddp, model, stream, loader, optimizer, scheduler, scaler, state, 
             pending.append(result.applied)  # read at log / checkpoint time: no host sync per step
             state.step += 1
             scheduler.step_update(state.step)
+            if fit and state.step == FIT_FROM:
+                probe_start = time.time()
+            if fit and state.step == FIT_AT:
+                total_steps = _fit_schedule(cfg, scheduler, state, start, probe_start, total_steps, steps_per_epoch)
+                bar.total, fit = total_steps, False
             state.skipped = _sum_skips(skip_base, worker_skips)
             bar.update(1)
             due = state.step % cfg.checkpoint.every_steps == 0 or (cfg.eval.every_steps and
@@ -254,6 +273,25 @@ def _loop(cfg, ddp, model, stream, loader, optimizer, scheduler, scaler, state, 
     writer.save(model, cfg, optimizer, scheduler, scaler, state, position)
     if is_main_process():
         log.info('stopped at step %d; checkpoint in %s', state.step, writer.run_dir)
+
+
+FIT_FROM, FIT_AT = 10, 30  # train.fit_schedule_to_time_limit measures the step time between these steps
+
+
+def _fit_schedule(cfg, scheduler, state: RunState, start: float, probe_start: float, total_steps: int,
+                  steps_per_epoch: int) -> int:
+    """The steps that fit in ``train.time_limit_minutes`` at the step time measured since ``probe_start`` (rank 0's
+    figure, on every rank; 3% kept for checkpoints), at most ``total_steps``; the cosine is shortened to end there."""
+    per_step = (time.time() - probe_start) / (FIT_AT - FIT_FROM)
+    left = 60 * cfg.train.time_limit_minutes - (time.time() - start)
+    fitted = broadcast_int(max(state.step + 1, min(total_steps, state.step + int(0.97 * left / per_step))))
+    shorten_schedule(scheduler, fitted, cfg.train.warmup_epochs * steps_per_epoch, cfg.optim.warmup_prefix)
+    scheduler.step_update(state.step)
+    state.total_steps = fitted
+    if is_main_process():
+        log.info('schedule fitted to the %.1f-minute limit: %.3f s/step, %d steps (%d planned)',
+                 cfg.train.time_limit_minutes, per_step, fitted, total_steps)
+    return fitted
 
 
 def _sum_skips(base: dict, per_worker: dict) -> dict:

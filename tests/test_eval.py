@@ -279,3 +279,31 @@ def test_naming_diagnostics_by_hand(background_as, object_as, named, leak):
     assert (out['object_groups'], out['background_groups']) == (1, 1)
     assert (out['object_groups_named'], out['background_group_leak']) == (named, leak)
     assert out['distinct_groups_per_image'] == 2.0 and out['group_oracle_miou'] == 100.0  # background and 'a' exact
+
+
+class _NamedGroupsModel(_FixedGroupsModel):
+    """_FixedGroupsModel with a text side: each name is one axis of the embedding space."""
+    AXES = {'a': 0, 'b': 1, 'c': 2, 'grass': 3}
+
+    def class_embeddings(self, names, templates=None):
+        return torch.eye(4)[[self.AXES[n] for n in names]]
+
+
+class _OneImageDataset(_OneImageSet):
+    split, ids = 'val', ['img']
+
+    class spec:
+        name = 'voc'
+
+
+def test_background_words_turn_their_pixels_into_background():
+    # left group (true background) is 'grass', right group (true 'a') is 'a'; the threshold never fires (0.0), so
+    # without the word the left half takes one of the classes, and with it the left half is background
+    model = _NamedGroupsModel(torch.eye(4)[[3, 0]].unsqueeze(0))
+    plain = get_protocol('pgseg', short_side=8, crop_size=8, stride=8)
+    words = get_protocol('pgseg', short_side=8, crop_size=8, stride=8, background_words=('grass',))
+    without = evaluate_segmentation(model, _OneImageDataset(), plain, bg_thresh=0.0, progress=False)
+    with_words = evaluate_segmentation(model, _OneImageDataset(), words, bg_thresh=0.0, progress=False)
+    assert without['per_class_iou']['background'] == 0.0
+    assert with_words['per_class_iou']['background'] == 100.0 and with_words['per_class_iou']['a'] == 100.0
+    assert 'background words grass' in with_words['protocol']

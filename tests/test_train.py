@@ -85,11 +85,37 @@ def test_trainer_starts_the_noun_losses_at_their_step(tmp_path, shards):
     assert ['train/group_word' in r for r in rows] == [False, False, True]
 
 
+def test_schedule_fitted_to_the_time_limit():
+    """At 1 s/step with 120 s left at step 30 of a 3-minute budget, 30 + 0.97 * 120 = 146 steps fit: the cosine ends
+    there (min LR), its midpoint moves to step 73, and every rank gets the same figure."""
+    import time
+
+    from pgseg.train import _fit_schedule
+    cfg = pgseg.load_config(TINY_CONFIG, ['train.time_limit_minutes=3', 'train.warmup_epochs=0'])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, total_steps=1000, warmup_steps=0, warmup_lr=0.0, min_lr=0.0)
+    state = RunState(step=30)
+    now = time.time()
+    fitted = _fit_schedule(cfg, sched, state, start=now - 60, probe_start=now - 20, total_steps=1000,
+                           steps_per_epoch=100)
+    assert fitted in (145, 146) and state.total_steps == fitted
+    sched.step_update(fitted)
+    assert opt.param_groups[0]['lr'] == pytest.approx(0.0, abs=1e-9)
+    sched.step_update(fitted // 2)
+    assert opt.param_groups[0]['lr'] == pytest.approx(0.5, abs=0.02)
+    # a fast machine keeps the planned schedule
+    assert _fit_schedule(cfg, sched, RunState(step=30), now - 1, now - 0.2, 1000, 100) == 1000
+    assert RunState.from_state(state.state_dict()).total_steps == fitted
+
+
 def test_main_reports_config_errors(tmp_path, capsys):
     assert train_main(['--config', TINY_CONFIG, f'train.output_dir={tmp_path}']) == 2
     assert 'data.sources is empty' in capsys.readouterr().err
     assert train_main(['--config', TINY_CONFIG, 'optim.nope=1']) == 2
     assert 'optim.nope' in capsys.readouterr().err
+    assert train_main(['--config', TINY_CONFIG, f'train.output_dir={tmp_path}', 'train.fit_schedule_to_time_limit=true',
+                       'data.sources=[{name: s, pattern: "x/{0..1}.tar"}]']) == 2
+    assert 'train.time_limit_minutes' in capsys.readouterr().err
 
 
 class _Exploding(torch.nn.Module):

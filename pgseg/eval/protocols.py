@@ -17,6 +17,9 @@ class Protocol:
     crop_size: int = 448
     stride: int = 224
     pamr: bool = False
+    # extra prompts that stand for background ("grass", "sky", ...): they compete with the classes, and a pixel won
+    # by one is background (on top of the threshold rule); only for datasets with a background class
+    background_words: tuple[str, ...] = ()
 
     def background_for(self, dataset: str) -> tuple[float, bool]:
         """(value, constant?) for a dataset with a background class."""
@@ -29,8 +32,9 @@ class Protocol:
     def describe(self) -> str:
         bg = (f'constant background score {self.bg_score}' if self.bg_score is not None else
               'background threshold ' + ', '.join(f'{k} {v}' for k, v in self.bg_thresh.items()))
+        words = f', background words {", ".join(self.background_words)}' if self.background_words else ''
         return (f'{self.name}: short side {self.short_side} (long <= {self.long_side}), windows {self.crop_size}/'
-                f'{self.stride}, templates {self.templates!r}, {bg}, PAMR {"on" if self.pamr else "off"}')
+                f'{self.stride}, templates {self.templates!r}, {bg}{words}, PAMR {"on" if self.pamr else "off"}')
 
 
 PROTOCOLS = {
