@@ -72,10 +72,10 @@ def pick_threshold(model, data: str, protocol, log=print) -> float:
 def evaluate(model, data: str, protocol, log=print) -> dict:
     """Background threshold picked on ``val``; mIoU, recognition and diagnostics on ``test`` and ``unseen_pairs``;
     the mIoU again with the background kinds as extra prompts (``background_words``)."""
+    sets = {split: build_dataset('voc', os.path.join(data, 'eval', split)) for split in ('test', 'unseen_pairs')}
     best = pick_threshold(model, data, protocol, log)
     out = {'bg_thresh': best}
-    for split in ('test', 'unseen_pairs'):
-        ds = build_dataset('voc', os.path.join(data, 'eval', split))
+    for split, ds in sets.items():
         m = evaluate_segmentation(model, ds, protocol, bg_thresh=best, progress=False)
         classes = model.class_embeddings(list(ds.classes[1:]), get_templates(protocol.templates))
         diag = grouping_diagnostics(model, ds, protocol, classes)
@@ -83,8 +83,7 @@ def evaluate(model, data: str, protocol, log=print) -> dict:
     words = replace(protocol, background_words=BACKGROUND_WORDS)
     best = pick_threshold(model, data, words, log)
     out['background_words'] = {'bg_thresh': best, 'words': list(BACKGROUND_WORDS)}
-    for split in ('test', 'unseen_pairs'):
-        ds = build_dataset('voc', os.path.join(data, 'eval', split))
+    for split, ds in sets.items():
         m = evaluate_segmentation(model, ds, words, bg_thresh=best, progress=False)
         out['background_words'][split] = {'miou': m['miou'], 'per_class_iou': m['per_class_iou']}
     return out

@@ -87,11 +87,7 @@ def _flag_device() -> torch.device:
 
 def broadcast_flag(flag: bool, src: int = 0) -> bool:
     """Rank ``src``'s decision, on every rank (e.g. to stop a run at the same step everywhere)."""
-    if get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=_flag_device())
-    dist.broadcast(t, src=src)
-    return bool(t.item())
+    return bool(broadcast_int(int(flag), src))
 
 
 def broadcast_int(value: int, src: int = 0) -> int:

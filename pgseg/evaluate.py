@@ -50,6 +50,9 @@ def evaluate_segmentation(model, dataset: SegmentationDataset, protocol: Protoco
     model.eval()
     prompts, with_bg = _class_prompts(dataset)
     words = list(protocol.background_words) if with_bg else []
+    if protocol.background_words and not with_bg:
+        log.warning('%s has no background class: the background words %s are not used', dataset.spec.name,
+                    ', '.join(protocol.background_words))
     class_embeds = model.class_embeddings(prompts + words, templates=get_templates(protocol.templates)).to(device)
     bg_value, constant = (None, False)
     if with_bg:

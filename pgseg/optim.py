@@ -48,8 +48,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
                     min_lr: float, warmup_prefix: bool = True) -> CosineLRScheduler:
     """Stepped per iteration with ``step_update(step)``. ``warmup_prefix=False`` reproduces the release: the cosine
     is evaluated at the absolute step, so the LR drops when warmup ends (§5.3)."""
-    t_initial = max(1, total_steps - warmup_steps) if warmup_prefix else max(1, total_steps)
-    return CosineLRScheduler(optimizer, t_initial=t_initial, lr_min=min_lr, warmup_t=warmup_steps,
+    return CosineLRScheduler(optimizer, t_initial=_cosine_steps(total_steps, warmup_steps, warmup_prefix),
+                             lr_min=min_lr, warmup_t=warmup_steps,
                              warmup_lr_init=warmup_lr, warmup_prefix=warmup_prefix, t_in_epochs=False,
                              cycle_limit=1)
 
@@ -57,4 +57,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
 def shorten_schedule(scheduler: CosineLRScheduler, total_steps: int, warmup_steps: int,
                      warmup_prefix: bool = True) -> None:
     """Make the cosine of ``build_scheduler`` end at ``total_steps`` instead (same warmup, same end LR)."""
-    scheduler.t_initial = max(1, total_steps - warmup_steps) if warmup_prefix else max(1, total_steps)
+    scheduler.t_initial = _cosine_steps(total_steps, warmup_steps, warmup_prefix)
+
+
+def _cosine_steps(total_steps: int, warmup_steps: int, warmup_prefix: bool) -> int:
+    """The cosine's length: after the warmup (``warmup_prefix``) or counted from step 0 (the release)."""
+    return max(1, total_steps - warmup_steps) if warmup_prefix else max(1, total_steps)
