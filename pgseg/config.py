@@ -121,10 +121,10 @@ class ModelConfig:
     # inference projects each group alone; 'embeds': project every group and average the projections, so training
     # and inference put the same kind of input through the head
     image_pooling: Literal['tokens', 'embeds'] = 'tokens'
-    # scaled-dot-product attention kernels: 'auto' = when training on the CPU under bf16 autocast, plain matmul+softmax
-    # for sequences shorter than models.model.CPU_FLASH_MIN_TOKENS (160; the CPU flash kernel's backward is slow
-    # there) and flash from it on, per tower; PyTorch's fused choice otherwise (also CPU inference, where the flash
-    # forward is 1.5x faster); 'math' / 'fused' force one
+    # attention kernels: 'math' = two batched matmuls and a softmax in the autocast dtype (image tower, grouping
+    # blocks; SDPA's math backend for the text tower); 'fused' = PyTorch's fused choice (flash / memory-efficient /
+    # cuDNN); 'auto' = 'math' when training on the CPU under bf16 autocast (the CPU flash kernel's backward is slow:
+    # at 260 tokens the attention takes 2.8x as long), 'fused' otherwise (GPUs, and CPU inference)
     attention: Literal['auto', 'math', 'fused'] = 'auto'
 
 

@@ -11,9 +11,11 @@
 ``train``: forward with every loss, backward and AdamW, each precision in a fresh process (its own peak memory):
 median step time, images/s, peak memory, FLOPs per step counted from the operators' shapes
 (``torch.utils.flop_counter``: matrix products, convolutions, attention; forward and backward), achieved FLOP/s and
-its fraction of the bf16 matmul ceiling measured in the same run; NPR's share of the step (the step with and without
-NPR, interleaved, same process: EM, matching, HRS and the prototype losses), EM's forward time alone, and the share
-spent in the losses' all-gathers (``--nproc 2`` runs the step under torchrun with gloo to measure it).
+its fraction of the bf16 matmul ceiling measured in the same run (before and after the steps; the higher one); NPR's
+share of the step (the median of paired differences between the step with and without NPR, adjacent, same process:
+EM, matching, HRS and the prototype losses), EM's forward time alone, and the share spent in the losses' all-gathers
+(``--nproc 2`` runs the step under torchrun with gloo to measure it). ``--malloc system`` runs every mode with
+glibc's allocator defaults instead of pgseg's (``pgseg.cpu_allocator``).
 ``eval``: crops/s and images/s on VOC-sized (500x375) images at the official protocol, one encoder pass per crop;
 ``--two-pass`` (or ``compare``, the default) also runs the released code's two passes (one for the group maps, one
 for the embeddings) for the ratio; and the time to build text embeddings for 171 classes x 80 templates.
@@ -174,8 +176,10 @@ def measure_train_step(args) -> dict:
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     with_npr, without_npr, em, gathers, match_wait = [], [], [], [], []
-    for _ in range(args.steps):
-        for enabled in ((True, False) if cfg.arch == 'pgseg' and not args.compile else (True,)):
+    for i in range(args.steps):
+        # with and without NPR in adjacent pairs, the order alternating, so that drift cancels in the paired differences
+        pair = (True, False) if i % 2 == 0 else (False, True)
+        for enabled in (pair if cfg.arch == 'pgseg' and not args.compile else (True,)):
             _set_npr(model, enabled)
             em_timer.total = gather_timer.total = 0.0
             em_timer.active = gather_timer.active = enabled
@@ -213,7 +217,10 @@ def measure_train_step(args) -> dict:
         'step_s_median': step_s, 'step_s_all': with_npr, 'images_per_s': args.batch / step_s,
         'flops_per_step': flops, 'achieved_gflops': flops / step_s / 1e9,
         'step_without_npr_s_median': statistics.median(without_npr) if without_npr else None,
-        'npr_share': (step_s - statistics.median(without_npr)) / step_s if without_npr else None,
+        'step_without_npr_s_all': without_npr,
+        # the median of the paired differences: the machine's drift between pairs does not enter
+        'npr_share': (statistics.median(a - b for a, b in zip(with_npr, without_npr)) / step_s
+                      if without_npr else None),
         'em_forward_share': statistics.median(em) / step_s, 'gather_share': statistics.median(gathers) / step_s,
         'match_wait_share': statistics.median(match_wait) / step_s,
         'peak_memory_mb': peak_mb, 'peak_memory_kind': peak_kind,
@@ -225,7 +232,6 @@ def measure_train_step(args) -> dict:
 def mode_train(args, peak: dict | None = None) -> dict:
     device = torch.device(args.device)
     peak = peak or measure_peak(device)
-    ceiling = peak['matmul_gflops']['bf16']
     results = []
     for precision in args.precisions:
         cmd = [__file__, '_step', '--config', args.config, '--batch', str(args.batch), '--steps', str(args.steps),
@@ -241,13 +247,18 @@ def mode_train(args, peak: dict | None = None) -> dict:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         rows = [json.loads(line) for line in out.strip().splitlines() if line.startswith('{') and line != '{}']
         results.append(rows[-1])
+    # the ceiling again after the steps (shared machines drift): fractions are taken against the higher one
+    after = measure_peak(device)
+    ceiling = max(peak['matmul_gflops']['bf16'], after['matmul_gflops']['bf16'])
     first = results[0]
     print(f"\ntrain: {os.path.basename(args.config)}, {first['params']:,} parameters, batch {args.batch} per process x "
           f"{first['world_size']}, NPR {first['npr_variant']}, activation checkpointing "
           f"{'on' if args.grad_checkpointing else 'off'}, {first['threads']} threads, torch {torch.__version__}\n"
           f"captions of {first['text_tokens']} tokens ({'full context' if args.full_context else 'padding trimmed'})")
-    print(f"ceilings measured in this run: matmul bf16 {ceiling:.0f} GFLOP/s, fp32 "
-          f"{peak['matmul_gflops']['fp32']:.0f} GFLOP/s; {first['flops_per_step'] / 1e9:.1f} GFLOP per step\n")
+    print(f"ceilings measured in this run, before / after the steps: matmul bf16 {peak['matmul_gflops']['bf16']:.0f} / "
+          f"{after['matmul_gflops']['bf16']:.0f} GFLOP/s (fractions of {ceiling:.0f}), fp32 "
+          f"{peak['matmul_gflops']['fp32']:.0f} / {after['matmul_gflops']['fp32']:.0f} GFLOP/s; "
+          f"{first['flops_per_step'] / 1e9:.1f} GFLOP per step; CPU malloc: {args.malloc}\n")
     head = (f"{'precision':<10}{'step s':>8}{'img/s':>8}{'GFLOP/s':>9}{'of bf16':>9}{'NPR':>7}{'EM fwd':>8}"
             f"{'gather':>8}{'peak MB':>9}")
     print(head)
@@ -263,7 +274,8 @@ def mode_train(args, peak: dict | None = None) -> dict:
         by = {r['precision']: r for r in results}
         speedup = by['fp32']['step_s_median'] / by['bf16']['step_s_median']
         print(f'\nbf16 / fp32 speed-up: {speedup:.2f}x')
-    return {'mode': 'train', **machine_info(device), 'peak': peak, 'config': args.config, 'results': results,
+    return {'mode': 'train', **machine_info(device), 'peak': peak, 'peak_after': after, 'bf16_ceiling': ceiling,
+            'malloc': args.malloc, 'config': args.config, 'results': results,
             'bf16_speedup': speedup}
 
 
@@ -425,6 +437,9 @@ def main(argv=None) -> int:
         p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
         p.add_argument('--config', default='configs/pgseg_gcc_redcaps.yaml')
         p.add_argument('--out-dir', default='runs/benchmark')
+        p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
+                       help="CPU: keep freed memory for reuse as pgseg's commands do (retain, pgseg.cpu_allocator) or "
+                            "glibc's defaults (system), for the comparison")
     for p in (modes['train'], modes['model'], modes['all'], step):
         p.add_argument('--batch', type=int, default=64)
         p.add_argument('--steps', type=int, default=3)
@@ -447,6 +462,10 @@ def main(argv=None) -> int:
     for p in (modes['data'], modes['all']):
         p.add_argument('--repeats', type=int, default=3)
     args = parser.parse_args(argv)
+    from pgseg.cpu_allocator import ENV_VAR, retain_freed_memory
+    os.environ[ENV_VAR] = args.malloc  # also for the train mode's child processes
+    if args.device == 'cpu':
+        retain_freed_memory()
     if args.mode == '_step':
         print(json.dumps(measure_train_step(args)))
         return 0

@@ -404,28 +404,76 @@ def test_group_class_affinity_by_hand():
             assert float(got[g, k]) == pytest.approx(float(restricted * logits[g].softmax(0)[k]), abs=1e-6)
 
 
-def test_cpu_bf16_training_attention_kernels_by_length():
+def test_attention_kernel_choice():
     from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+
+    from pgseg.models.attention import current_attention_kernel
     model = pgseg.build_model(tiny_model_config()).train()
     cpu = torch.device('cpu')
-    limit = pgseg.models.model.CPU_FLASH_MIN_TOKENS
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        with model.attention_kernels(cpu, limit - 1):
-            assert _cur_sdpa_kernel_backends() == [SDPBackend.MATH]  # short sequences: plain matmuls
-        with model.attention_kernels(cpu, limit):
-            assert SDPBackend.FLASH_ATTENTION in _cur_sdpa_kernel_backends()  # long ones: PyTorch's fused choice
-        with torch.no_grad(), model.attention_kernels(cpu, 8):
-            assert SDPBackend.FLASH_ATTENTION in _cur_sdpa_kernel_backends()  # inference: always fused
-    with model.attention_kernels(cpu, 8):
-        assert SDPBackend.FLASH_ATTENTION in _cur_sdpa_kernel_backends()  # fp32
-    images = torch.zeros(1, 3, 224, 224)
-    assert model.img_encoder.max_sequence_length(images) == (224 // 8) ** 2 + model.cfg.image.num_group_tokens[0]
+        with model.attention_kernels(cpu):  # CPU bf16 training: matmuls + softmax, SDPA math for the text tower
+            assert current_attention_kernel() == 'matmul'
+            assert _cur_sdpa_kernel_backends() == [SDPBackend.MATH]
+        with torch.no_grad(), model.attention_kernels(cpu):  # inference: fused
+            assert current_attention_kernel() == 'fused'
+            assert SDPBackend.FLASH_ATTENTION in _cur_sdpa_kernel_backends()
+    with model.attention_kernels(cpu):  # fp32 training: fused
+        assert current_attention_kernel() == 'fused'
+    assert current_attention_kernel() == 'fused'  # the default outside any choice
+    model.cfg.attention = 'math'
+    with torch.no_grad(), model.attention_kernels(cpu):
+        assert current_attention_kernel() == 'matmul'
+    model.cfg.attention = 'flash'
+    with pytest.raises(pgseg.ConfigError, match="model.attention must be 'auto', 'math' or 'fused', got 'flash'"):
+        model.attention_kernels(cpu)
 
 
-@pytest.mark.parametrize('attention', ['auto', 'fused'])
+def test_matmul_attention_matches_sdpa():
+    """pgseg's Attention (timm's parameters and keys) gives timm's output and gradients with either kernel."""
+    from timm.layers import Attention as TimmAttention
+
+    from pgseg.models.attention import Attention, attention_kernel
+    torch.manual_seed(0)
+    ours, ref = Attention(32, num_heads=4, qkv_bias=True), TimmAttention(32, num_heads=4, qkv_bias=True)
+    assert ours.load_state_dict(ref.state_dict()) is not None and ours.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(2, 7, 32, dtype=torch.float64, requires_grad=True)
+    ours, ref = ours.double(), ref.double()
+    expected = ref(x)
+    (g_ref,) = torch.autograd.grad(expected.square().sum(), x)
+    for kernel in ('fused', 'matmul'):
+        with attention_kernel(kernel):
+            got = ours(x)
+        (g,) = torch.autograd.grad(got.square().sum(), x)
+        assert torch.allclose(got, expected, atol=1e-10), kernel
+        assert torch.allclose(g, g_ref, atol=1e-10), kernel
+    with pytest.raises(ValueError, match="attention kernel must be 'fused' or 'matmul', got 'flash'"):
+        with attention_kernel('flash'):
+            pass
+
+
+def test_matmul_kernel_routes_every_image_attention(monkeypatch):
+    """Under the matmul kernel no attention of the image tower (ViT blocks, grouping blocks) reaches SDPA."""
+    import torch.nn.functional as F
+
+    from pgseg.models.attention import attention_kernel
+    model = pgseg.build_model(tiny_model_config()).train()
+    images, _ = tiny_batch()
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    with attention_kernel('matmul'):
+        model.img_encoder(images)
+    assert calls == []
+    with attention_kernel('fused'):
+        model.img_encoder(images)
+    groupings = sum(layer.downsample is not None for layer in model.img_encoder.layers)  # one cross-attention each
+    assert groupings > 0 and len(calls) == sum(model.cfg.image.depths) + groupings
+
+
+@pytest.mark.parametrize('attention', ['auto', 'math', 'fused'])
 def test_activation_checkpointing_under_cpu_bf16_attention_matches(attention):
-    """The CPU bf16 training path runs attention as plain matmuls (short sequences) or flash (long ones, or
-    ``fused``); checkpointed blocks must be recomputed with the same kernels (a different kernel saves different
+    """The CPU bf16 training path runs attention as matmuls + softmax (``auto``, ``math``) or flash (``fused``);
+    checkpointed blocks must be recomputed with the same kernels (a different kernel saves different
     tensors and checkpointing refuses), in both towers."""
     images, tokens = tiny_batch()
     grads = []

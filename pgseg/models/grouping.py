@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import Mlp
+
+from .attention import scaled_dot_product_attention
 
 __all__ = ['TokenMlp', 'straight_through_hard', 'gumbel_noise', 'CrossAttention', 'PreAssignBlock',
            'AssignAttention', 'GroupingBlock', 'GroupingOutput']
@@ -55,7 +56,7 @@ class CrossAttention(nn.Module):
         q = self.q_proj(query).view(B, S, h, C // h).transpose(1, 2)  # [B, h, S, c]
         k = self.k_proj(key).view(B, -1, h, C // h).transpose(1, 2)  # [B, h, N, c]
         v = self.v_proj(key).view(B, -1, h, C // h).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, S, C)))
 
 

@@ -16,6 +16,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
 from ..config import ImageEncoderConfig
+from .attention import Attention
 from .checkpointing import checkpoint_same_kernels
 from .grouping import GroupingBlock, GroupingOutput, TokenMlp
 from .npr import ImagePrototypes
@@ -84,7 +85,7 @@ class GroupingStage(nn.Module):
             self.group_token = None
         self.blocks = nn.ModuleList([
             Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=drop_path[i], norm_layer=nn.LayerNorm)
+                  attn_drop=attn_drop_rate, drop_path=drop_path[i], norm_layer=nn.LayerNorm, attn_layer=Attention)
             for i in range(depth)])
         self.downsample = downsample
         self.downsample_spatial = prototypes  # official name of the NPR module
@@ -203,12 +204,6 @@ class GroupViTImageEncoder(nn.Module):
         names = {'pos_embed', 'logit_scale'}
         names |= {f'layers.{i}.group_token' for i, layer in enumerate(self.layers) if layer.group_token is not None}
         return names
-
-    def max_sequence_length(self, images: torch.Tensor) -> int:
-        """The longest token sequence the ViT blocks see for ``images`` [B, 3, H, W]: the first stage's patches plus
-        its group tokens."""
-        patches = (images.shape[-2] // self.cfg.patch_size) * (images.shape[-1] // self.cfg.patch_size)
-        return patches + self.cfg.num_group_tokens[0]
 
     def forward(self, images: torch.Tensor) -> ImageFeatures:
         """images: normalised [B, 3, H, W] (any size at inference) -> :class:`ImageFeatures`."""

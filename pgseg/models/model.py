@@ -23,6 +23,7 @@ from ..losses import (
     noun_grounding_loss,
     prototype_contrastive_loss,
 )
+from .attention import attention_kernel
 from .grouping import straight_through_hard
 from .image_encoder import GroupViTImageEncoder, ImageFeatures
 from .matching import MatchHandle, match_async
@@ -32,8 +33,6 @@ from .text_encoder import TextEncoder, valid_token_mask
 __all__ = ['ImageOutput', 'GroupSegModel', 'build_model']
 
 NPRVariant = Literal['reference', 'paper']
-# model.attention=auto, CPU bf16 training: the flash kernel from this sequence length on, plain matmuls below it
-CPU_FLASH_MIN_TOKENS = 160
 
 
 @dataclass
@@ -156,24 +155,20 @@ class GroupSegModel(nn.Module):
         """
         return self._compute_losses(images, tokens, npr_variant or self.cfg.npr.variant)
 
-    def attention_kernels(self, device: torch.device, seq_len: int | None = None) -> contextlib.AbstractContextManager:
-        """The scaled-dot-product attention kernels for a forward pass (``model.attention``) whose longest sequence
-        has ``seq_len`` tokens (None: short). The backward pass follows the kernels the forward chose, so only
-        forward calls need this."""
+    def attention_kernels(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The attention kernels for a forward pass (``model.attention``): pgseg's own attention (image tower,
+        grouping blocks; ``models.attention``) and the SDPA backends of the text tower's ``nn.MultiheadAttention``.
+        The backward pass follows the kernels the forward chose, so only forward calls need this."""
         choice = self.cfg.attention
         if choice == 'auto':
-            # CPU bf16 training: below about 160 tokens the flash kernel's backward is the slow part (a ViT block
-            # at 80 tokens: plain matmuls 31 ms, flash 38 ms), above it flash wins (260 tokens: 449 ms against 646
-            # ms at width 384; README, Performance)
+            # CPU bf16 training: matmuls + softmax in bf16 beat the CPU flash kernel at every length measured (its
+            # backward is slow; README, Performance); PyTorch's fused choice otherwise (also CPU inference)
             cpu_bf16_training = (device.type == 'cpu' and torch.is_grad_enabled() and torch.is_autocast_enabled('cpu')
                                  and torch.get_autocast_dtype('cpu') == torch.bfloat16)
-            short = seq_len is None or seq_len < CPU_FLASH_MIN_TOKENS
-            choice = 'math' if cpu_bf16_training and short else 'fused'
-        if choice == 'math':
-            return sdpa_kernel(SDPBackend.MATH)
-        if choice == 'fused':
-            return contextlib.nullcontext()  # PyTorch picks flash / memory-efficient / cuDNN where they apply
-        raise ConfigError(f"model.attention must be 'auto', 'math' or 'fused', got {choice!r}")
+            choice = 'math' if cpu_bf16_training else 'fused'
+        if choice not in ('math', 'fused'):
+            raise ConfigError(f"model.attention must be 'auto', 'math' or 'fused', got {choice!r}")
+        return _attention_context(choice)
 
     def _compute_losses(self, images: torch.Tensor, tokens: torch.Tensor, variant: str) -> dict[str, torch.Tensor]:
         prompts = None
@@ -182,7 +177,7 @@ class GroupSegModel(nn.Module):
                 raise ValueError(f'compute_losses: tokens of shape {tuple(tokens.shape)} carry prompts, but '
                                  f'model.multi_label is 0')
             tokens, prompts = tokens[:, 0], tokens[:, 1:]
-        with self.attention_kernels(images.device, self.img_encoder.max_sequence_length(images)):
+        with self.attention_kernels(images.device):
             feats = self.img_encoder(images)
         image_embeds, pooled_groups = self._project_image(feats)
         matches: list[MatchHandle] = []
@@ -192,7 +187,7 @@ class GroupSegModel(nn.Module):
                 matches.append(match_async(_cosine(stage.grouping.group_queries, stage.prototypes),
                                            maximize=variant == 'paper'))
         all_tokens = tokens if prompts is None else torch.cat([tokens.unsqueeze(1), prompts], dim=1)  # [B, (1+K,) L]
-        with self.attention_kernels(tokens.device, tokens.shape[-1]):
+        with self.attention_kernels(tokens.device):
             pooled, token_feats = self.text_encoder.encode(all_tokens.flatten(0, -2))
         if prompts is None:
             text_embeds = self.text_projector(pooled)
@@ -314,6 +309,14 @@ class GroupSegModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.img_encoder.set_grad_checkpointing(enable)
         self.text_encoder.set_grad_checkpointing(enable)
+
+
+@contextlib.contextmanager
+def _attention_context(choice: str):
+    """``math``: pgseg's matmul attention, SDPA's math backend for the text tower; ``fused``: PyTorch's choice."""
+    with attention_kernel('matmul' if choice == 'math' else 'fused'):
+        with sdpa_kernel(SDPBackend.MATH) if choice == 'math' else contextlib.nullcontext():
+            yield
 
 
 def _patch_group_maps(feats: ImageFeatures) -> list[torch.Tensor]:
