@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .cpu_allocator import retain_freed_memory
+from .cpu_allocator import configure_cpu_memory
 
 __all__ = ['init_distributed', 'is_distributed', 'get_rank', 'get_world_size', 'is_main_process',
            'all_gather_with_grad', 'broadcast_flag', 'all_ranks_true', 'all_ranks_true_tensor', 'all_reduce_mean',
@@ -27,7 +27,7 @@ def init_distributed() -> tuple[torch.device, int]:
         return torch.device('cuda', local_rank), local_rank
     local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscription of CPU cores
-    retain_freed_memory()  # large tensors are reused, not faulted in again every step (pgseg.cpu_allocator)
+    configure_cpu_memory()  # large tensors reused and on huge pages, not faulted in every step (pgseg.cpu_allocator)
     return torch.device('cpu'), local_rank
 
 

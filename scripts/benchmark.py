@@ -15,7 +15,7 @@ its fraction of the bf16 matmul ceiling measured in the same run (before and aft
 share of the step (the median of paired differences between the step with and without NPR, adjacent, same process:
 EM, matching, HRS and the prototype losses), EM's forward time alone, and the share spent in the losses' all-gathers
 (``--nproc 2`` runs the step under torchrun with gloo to measure it). ``--malloc system`` runs every mode with
-glibc's allocator defaults instead of pgseg's (``pgseg.cpu_allocator``).
+the system's allocator defaults instead of pgseg's (``pgseg.cpu_allocator``).
 ``eval``: crops/s and images/s on VOC-sized (500x375) images at the official protocol, one encoder pass per crop;
 ``--two-pass`` (or ``compare``, the default) also runs the released code's two passes (one for the group maps, one
 for the embeddings) for the ratio; and the time to build text embeddings for 171 classes x 80 templates.
@@ -135,6 +135,7 @@ def measure_train_step(args) -> dict:
     import pgseg.data.text
     import pgseg.losses
     import pgseg.models.npr
+    from pgseg.cpu_allocator import configure_cpu_memory
     from pgseg.distributed import get_rank, get_world_size, init_distributed
     from pgseg.models import matching
 
@@ -144,6 +145,8 @@ def measure_train_step(args) -> dict:
     if args.npr_variant:
         cfg.npr.variant = args.npr_variant
     cfg.image.grad_checkpointing = args.grad_checkpointing
+    if args.attention:
+        cfg.attention = args.attention
     model = pgseg.build_model(cfg).to(device).train()
     if device.type == 'cuda' and get_world_size() > 1:
         model.convert_sync_batchnorm()
@@ -202,8 +205,12 @@ def measure_train_step(args) -> dict:
 
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
+    # the model's FLOPs whichever kernel the timed steps ran: under the matmul kernel attention's products reach the
+    # counter (torch.utils.flop_counter has no formula for the CPU flash kernel and would count its attention as 0)
+    attention, cfg.attention = cfg.attention, 'math'
     with counter:
         step()
+    cfg.attention = attention
     flops = counter.get_total_flops()
     if device.type == 'cuda':
         peak_mb, peak_kind = torch.cuda.max_memory_allocated() / 2**20, 'cuda max_memory_allocated'
@@ -212,6 +219,8 @@ def measure_train_step(args) -> dict:
     result = {
         'precision': args.precision, 'batch': args.batch, 'device': str(device), 'world_size': get_world_size(),
         'npr_variant': cfg.npr.variant, 'grad_checkpointing': args.grad_checkpointing, 'compile': args.compile,
+        'attention': cfg.attention, 'malloc': os.environ.get('PGSEG_CPU_MALLOC'),
+        'cpu_memory': configure_cpu_memory() if device.type == 'cpu' else None,
         'text_tokens': tokens.shape[-1],
         'threads': torch.get_num_threads(), 'params': sum(p.numel() for p in model.parameters()),
         'step_s_median': step_s, 'step_s_all': with_npr, 'images_per_s': args.batch / step_s,
@@ -235,10 +244,11 @@ def mode_train(args, peak: dict | None = None) -> dict:
     results = []
     for precision in args.precisions:
         cmd = [__file__, '_step', '--config', args.config, '--batch', str(args.batch), '--steps', str(args.steps),
-               '--warmup', str(args.warmup), '--precision', precision, '--device', args.device]
+               '--warmup', str(args.warmup), '--precision', precision, '--device', args.device, '--malloc', args.malloc]
         cmd += (['--npr-variant', args.npr_variant] if args.npr_variant else [])
         cmd += (['--grad-checkpointing'] if args.grad_checkpointing else []) + (['--compile'] if args.compile else [])
         cmd += ['--full-context'] if args.full_context else []
+        cmd += ['--attention', args.attention] if args.attention else []
         if args.nproc > 1:
             cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(args.nproc)] + cmd
             env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.nproc)))
@@ -253,7 +263,8 @@ def mode_train(args, peak: dict | None = None) -> dict:
     first = results[0]
     print(f"\ntrain: {os.path.basename(args.config)}, {first['params']:,} parameters, batch {args.batch} per process x "
           f"{first['world_size']}, NPR {first['npr_variant']}, activation checkpointing "
-          f"{'on' if args.grad_checkpointing else 'off'}, {first['threads']} threads, torch {torch.__version__}\n"
+          f"{'on' if args.grad_checkpointing else 'off'}, attention {first['attention']}, {first['threads']} threads, "
+          f"torch {torch.__version__}\n"
           f"captions of {first['text_tokens']} tokens ({'full context' if args.full_context else 'padding trimmed'})")
     print(f"ceilings measured in this run, before / after the steps: matmul bf16 {peak['matmul_gflops']['bf16']:.0f} / "
           f"{after['matmul_gflops']['bf16']:.0f} GFLOP/s (fractions of {ceiling:.0f}), fp32 "
@@ -438,8 +449,8 @@ def main(argv=None) -> int:
         p.add_argument('--config', default='configs/pgseg_gcc_redcaps.yaml')
         p.add_argument('--out-dir', default='runs/benchmark')
         p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
-                       help="CPU: keep freed memory for reuse as pgseg's commands do (retain, pgseg.cpu_allocator) or "
-                            "glibc's defaults (system), for the comparison")
+                       help="CPU: freed memory kept for reuse and large tensors on huge pages, as pgseg's commands do "
+                            "(retain, pgseg.cpu_allocator), or the system's defaults (system), for the comparison")
     for p in (modes['train'], modes['model'], modes['all'], step):
         p.add_argument('--batch', type=int, default=64)
         p.add_argument('--steps', type=int, default=3)
@@ -449,6 +460,8 @@ def main(argv=None) -> int:
         p.add_argument('--compile', action='store_true', help='torch.compile the model (GPU)')
         p.add_argument('--nproc', type=int, default=1, help='processes (torchrun, gloo on the CPU)')
         p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
+        p.add_argument('--attention', choices=['auto', 'math', 'fused'], default=None,
+                       help="model.attention for the step (default: the config's, 'auto')")
         p.add_argument('--full-context', action='store_true',
                        help="keep the captions' padding to the context length (the released trainer's cost); by "
                             'default the padding after the last EOT is cut, as pgseg-train does')
@@ -462,10 +475,10 @@ def main(argv=None) -> int:
     for p in (modes['data'], modes['all']):
         p.add_argument('--repeats', type=int, default=3)
     args = parser.parse_args(argv)
-    from pgseg.cpu_allocator import ENV_VAR, retain_freed_memory
+    from pgseg.cpu_allocator import ENV_VAR, configure_cpu_memory
     os.environ[ENV_VAR] = args.malloc  # also for the train mode's child processes
     if args.device == 'cpu':
-        retain_freed_memory()
+        configure_cpu_memory()
     if args.mode == '_step':
         print(json.dumps(measure_train_step(args)))
         return 0
