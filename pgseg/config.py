@@ -121,10 +121,11 @@ class ModelConfig:
     # inference projects each group alone; 'embeds': project every group and average the projections, so training
     # and inference put the same kind of input through the head
     image_pooling: Literal['tokens', 'embeds'] = 'tokens'
-    # attention kernels: 'math' = two batched matmuls and a softmax in the autocast dtype (image tower, grouping
-    # blocks; SDPA's math backend for the text tower); 'fused' = PyTorch's fused choice (flash / memory-efficient /
-    # cuDNN); 'auto' = 'math' when training on the CPU under bf16 autocast (the CPU flash kernel's backward is slow:
-    # at 260 tokens the attention takes 2.8x as long), 'fused' otherwise (GPUs, and CPU inference)
+    # attention kernels: 'math' = two batched matmuls and a softmax, the logits and softmax in float32 and the product
+    # with v in the autocast dtype (image tower, grouping blocks; SDPA's math backend for the text tower); 'fused' =
+    # PyTorch's fused choice (flash / memory-efficient / cuDNN); 'auto' = 'math' when training on the CPU under bf16
+    # autocast (the CPU flash kernel's backward is slow: at 260 tokens the attention takes 1.5x as long), 'fused'
+    # otherwise (GPUs, and CPU inference)
     attention: Literal['auto', 'math', 'fused'] = 'auto'
 
 

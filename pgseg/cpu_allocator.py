@@ -11,8 +11,9 @@ machine a page fault costs several microseconds and the paper model's bf16 step 
   transparent huge pages for them (when the kernel's THP mode is ``madvise`` or ``always``): 512 times fewer faults
   for what the heap still has to grow, and fewer TLB misses.
 
-The paper model's bf16 step on the development machine (README, Performance): 12.3 s with glibc's defaults, 8.4 s
-retained, 7.0 s retained on huge pages once the heap has reached its peak; the process keeps its peak heap.
+The paper model's bf16 step on the development machine (README, Performance; bf16 attention logits then): 12.3 s
+with glibc's defaults, 8.4 s retained, 7.0 s retained on huge pages once the heap has reached its peak; the process
+keeps its peak heap.
 ``init_distributed`` applies both to every CPU process of pgseg's commands; ``PGSEG_CPU_MALLOC=system`` keeps the
 defaults. The huge-page setting must come before the process's first large tensor (PyTorch reads it once); without
 glibc the retain setting does nothing.

@@ -3,10 +3,11 @@
 ``GroupSegModel.attention_kernels`` (``model.attention``) picks the kernel with :func:`attention_kernel`:
 
 - ``'fused'``: ``F.scaled_dot_product_attention``; PyTorch picks flash / memory-efficient / cuDNN where they apply.
-- ``'matmul'``: two batched matmuls and a softmax in the inputs' dtype (bf16 under a bf16 autocast), with autograd's
-  own backward. On the CPU under bf16 training this is 2.8x faster than the flash kernel at the paper model's 260
-  tokens (forward and backward of the attention alone: 119 against 328 ms at batch 64, 6 heads) and faster at every
-  length measured, while SDPA's own math backend computes in float32 there (303 ms). README, Performance.
+- ``'matmul'``: two batched matmuls and a softmax with autograd's own backward: the logits and the softmax in
+  float32, the product with v in v's dtype (bf16 under a bf16 autocast). On the CPU under bf16 training this is 1.5x
+  faster than the flash kernel at the paper model's 260 tokens (forward and backward of the attention alone: 215
+  against 328 ms at batch 64, 6 heads; 132 ms with bf16 logits, which lose precision), while SDPA's own math
+  backend computes everything in float32 there (303 ms). README, Performance.
 
 :class:`Attention` is timm's ViT attention (same parameters, same keys) calling :func:`scaled_dot_product_attention`,
 so timm's ``Block`` builds it through ``attn_layer``.
@@ -49,11 +50,15 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """q: [B, h, S, c], k and v: [B, h, N, c] -> [B, h, S, c] = softmax(q k^T / sqrt(c)) v, no mask."""
     if _KERNEL.get() == 'fused':
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, h, S, N]
-    attn = attn.softmax(dim=-1)
-    if dropout_p > 0:
-        attn = F.dropout(attn, dropout_p)
-    return attn @ v
+    # the logits and the softmax in float32, as the flash kernels and CUDA autocast compute them (bf16 logits lose
+    # about 2 of their 3 significant digits); the probabilities go back to v's dtype for the second product
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    with torch.autocast(q.device.type, enabled=False):
+        attn = (q.to(acc) * q.shape[-1] ** -0.5) @ k.to(acc).transpose(-2, -1)  # [B, h, S, N]
+        attn = attn.softmax(dim=-1)
+        if dropout_p > 0:
+            attn = F.dropout(attn, dropout_p)
+        return attn.to(v.dtype) @ v
 
 
 class Attention(TimmAttention):
