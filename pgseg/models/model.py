@@ -161,8 +161,9 @@ class GroupSegModel(nn.Module):
         The backward pass follows the kernels the forward chose, so only forward calls need this."""
         choice = self.cfg.attention
         if choice == 'auto':
-            # CPU bf16 training: matmuls + softmax in bf16 beat the CPU flash kernel at every length measured (its
-            # backward is slow; README, Performance); PyTorch's fused choice otherwise (also CPU inference)
+            # CPU bf16 training: matmuls + softmax (float32 logits, the product with v in bf16) beat the CPU flash
+            # kernel, whose backward is slow (README, Performance); PyTorch's fused choice otherwise (also CPU
+            # inference)
             cpu_bf16_training = (device.type == 'cpu' and torch.is_grad_enabled() and torch.is_autocast_enabled('cpu')
                                  and torch.get_autocast_dtype('cpu') == torch.bfloat16)
             choice = 'math' if cpu_bf16_training else 'fused'
