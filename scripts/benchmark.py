@@ -4,7 +4,7 @@
     python scripts/benchmark.py peak                      # the machine's ceilings: matmul fp32 / bf16, copy bandwidth
     python scripts/benchmark.py train [--batch 64]        # one training step of the paper-sized model, fp32 and bf16
     python scripts/benchmark.py eval [--images 4]         # zero-shot segmentation, one pass vs --two-pass per crop
-    python scripts/benchmark.py data [--images 96]        # decode + augmentation of 512-pixel JPEG shards
+    python scripts/benchmark.py data [--shards PATTERN]   # decode + augmentation of 512-pixel JPEG shards
     python scripts/benchmark.py all                       # the four, in that order
 
 ``peak``: large square matrix products (best of the sizes tried) and a large tensor copy (bytes read + written).
@@ -19,8 +19,11 @@ the system's allocator defaults instead of pgseg's (``pgseg.cpu_allocator``).
 ``eval``: crops/s and images/s on VOC-sized (500x375) images at the official protocol, one encoder pass per crop;
 ``--two-pass`` (or ``compare``, the default) also runs the released code's two passes (one for the group maps, one
 for the embeddings) for the ratio; and the time to build text embeddings for 171 classes x 80 templates.
-``data``: images/s per worker of decode + ``official_pgseg`` augmentation (512 -> 224) with and without JPEG draft
-decoding, plain decode for reference, and the time to the first batch of a 2-worker loader.
+``data``: images/s per worker (one thread) of decode + augmentation to 224 (``official_pgseg`` crops, large crops
+only, the whole image) with and without JPEG draft decoding, each as a fraction of decoding alone; the decoder's
+limits (full size, draft, and 1/8 scale: the entropy decoding that no DCT-domain reduction removes, which bounds what
+draft mode can gain); Pillow's resize against the torch kernel the transforms use; the time to the first batch of a
+2-worker loader. Synthetic 512-pixel JPEG shards by default, ``--shards 'dir/{00000..00009}.tar'`` for your own.
 The same script runs on a GPU (``--device cuda``): CUDA synchronisation around timings, bf16, ``--compile``.
 """
 from __future__ import annotations
@@ -373,60 +376,127 @@ def _write_jpeg_shards(folder: str, num: int, size: int = 512, per_shard: int = 
     return os.path.join(folder, f'{{00000..{shards - 1:05d}}}.tar')
 
 
-def mode_data(args) -> dict:
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')
+
+
+def _shard_images(pattern: str, limit: int) -> list[bytes]:
+    """The image members of the tar shards a brace pattern names (``::`` separates patterns), at most ``limit``."""
     import tarfile
 
+    import braceexpand
+    paths = [p for part in pattern.split('::') for p in braceexpand.braceexpand(part)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f'data --shards {pattern!r}: {len(missing)} of {len(paths)} shards do not exist '
+                         f'(first: {missing[0]})')
+    blobs: list[bytes] = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
+                    blobs.append(tar.extractfile(member).read())
+                    if len(blobs) >= limit:
+                        return blobs
+    if not blobs:
+        raise SystemExit(f'data --shards {pattern!r}: no {"/".join(IMAGE_SUFFIXES)} members in {len(paths)} shards')
+    return blobs
+
+
+def _best_rates(jobs: dict, blobs: list[bytes], repeats: int) -> dict[str, float]:
+    """Images/s of each job (a function over all of ``blobs``), the best of ``repeats`` rounds. The jobs take turns
+    within each round, so that the machine's drift hits them alike."""
+    rates: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, job in jobs.items():
+            t0 = time.perf_counter()
+            job(blobs)
+            rates[name] = max(rates.get(name, 0.0), len(blobs) / (time.perf_counter() - t0))
+    return rates
+
+
+def mode_data(args) -> dict:
+    """Decode + augmentation per worker (one thread), plain and draft, against the decoder's own limits."""
     from PIL import Image
 
     from pgseg.data.text import CaptionTokenizer
-    from pgseg.data.transforms import TrainTransform
+    from pgseg.data.transforms import TrainTransform, resize_uint8, to_rgb
     from pgseg.data.webdataset import TrainStream, build_train_loader, expand_source
 
-    folder = os.path.join(args.out_dir, f'jpeg512_{args.images}')
-    pattern = _write_jpeg_shards(folder, args.images)
-    blobs = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith('.tar'):
-            with tarfile.open(os.path.join(folder, name)) as tar:
-                blobs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith('.jpg')]
+    if args.shards:
+        pattern, source_text = args.shards, args.shards
+        blobs = _shard_images(args.shards, args.images)
+    else:
+        folder = os.path.join(args.out_dir, f'jpeg512_{args.images}')
+        pattern = _write_jpeg_shards(folder, args.images)
+        source_text = f'synthetic 512x512 JPEGs in img2dataset shards ({folder})'
+        blobs = _shard_images(pattern, args.images)
     torch.set_num_threads(1)  # a data worker's setting
-    rates = {}
-    for augment, scale in (('official_pgseg', (0.08, 1.0)), ('official_pgseg_large', (0.8, 1.0)), ('none', None)):
-        transforms = {draft: TrainTransform(224, augment.replace('_large', ''), scale or (0.08, 1.0), use_draft=draft)
-                      for draft in (False, True)}
-        for _ in range(args.repeats):  # plain and draft alternate, so that the machine's drift hits both alike
-            for draft, transform in transforms.items():
-                rng = random.Random(0)
-                t0 = time.perf_counter()
-                for b in blobs:
-                    transform(b, rng)
-                key = f"{augment}_{'draft' if draft else 'plain'}"
-                rates[key] = max(rates.get(key, 0.0), len(blobs) / (time.perf_counter() - t0))  # the best round
-    t0 = time.perf_counter()
-    for b in blobs:
-        Image.open(io.BytesIO(b)).convert('RGB')
-    rates['decode_only'] = len(blobs) / (time.perf_counter() - t0)
-    source = expand_source('bench', pattern, None, 1.0)
+    sizes = [Image.open(io.BytesIO(b)).size for b in blobs]
+    bits_per_pixel = 8 * sum(map(len, blobs)) / sum(w * h for w, h in sizes)
+
+    def pipeline(transform):
+        def run(batch):
+            rng = random.Random(0)
+            for b in batch:
+                transform(b, rng)
+        return run
+
+    def decode(reduction):  # reduction: (w, h) -> the draft request, or None for full size
+        def run(batch):
+            for b in batch:
+                img = Image.open(io.BytesIO(b))
+                if reduction is not None and img.format == 'JPEG':
+                    img.draft('RGB', reduction(img.size))
+                to_rgb(img).load()
+        return run
+
+    pipelines = {'official_pgseg': ('official_pgseg', (0.08, 1.0)),
+                 'official_pgseg_large': ('official_pgseg', (0.8, 1.0)), 'none': ('none', (0.08, 1.0))}
+    jobs = {f"{name}_{'draft' if draft else 'plain'}": pipeline(TrainTransform(224, augment, scale, use_draft=draft))
+            for name, (augment, scale) in pipelines.items() for draft in (False, True)}
+    jobs['decode_full'] = decode(None)
+    jobs['decode_draft_224'] = decode(lambda wh: (224, 224) if min(wh) >= 448 else wh)  # what augment none asks
+    jobs['decode_eighth'] = decode(lambda wh: (max(1, wh[0] // 8), max(1, wh[1] // 8)))  # the entropy-decoding floor
+    rates = _best_rates(jobs, blobs, args.repeats)
+
+    # the resize alone, on decoded images: Pillow's bilinear against the torch kernel the transforms use
+    decoded = [to_rgb(Image.open(io.BytesIO(b))) for b in blobs[:32]]
+    resize_rates = _best_rates({'pillow': lambda imgs: [im.resize((224, 224), Image.BILINEAR) for im in imgs],
+                                'torch_uint8': lambda imgs: [resize_uint8(im, (224, 224)) for im in imgs]},
+                               decoded, args.repeats)
+
+    source = expand_source('bench', pattern, len(blobs) if args.shards else None, 1.0)
     stream = TrainStream([source], TrainTransform(224, 'official_pgseg'), CaptionTokenizer(77), batch_size=64,
                          steps_per_epoch=2, seed=0, num_workers=2, shuffle_buffer=64, resampled=True)
     t0 = time.perf_counter()
     next(iter(build_train_loader(stream, 2)))
     first_batch_s = time.perf_counter() - t0
-    speedups = {a: rates[f'{a}_draft'] / rates[f'{a}_plain'] for a in ('official_pgseg', 'official_pgseg_large',
-                                                                         'none')}
-    print(f'\ndata: {len(blobs)} synthetic 512x512 JPEGs in img2dataset shards, decode + augmentation to 224, '
-          f'one thread (a worker), images/s\n')
-    print(f"{'pipeline':<52}{'plain':>8}{'draft':>8}{'ratio':>8}")
+
+    speedups = {a: rates[f'{a}_draft'] / rates[f'{a}_plain'] for a in pipelines}
+    bound = rates['decode_eighth'] / rates['decode_full']
+    print(f'\ndata: {len(blobs)} images ({source_text}), {bits_per_pixel:.2f} bits/pixel; decode + augmentation to '
+          f'224, one thread (a worker), images/s, best of {args.repeats} rounds\n')
+    print(f"{'pipeline':<50}{'plain':>8}{'draft':>8}{'ratio':>8}{'of decode':>11}")
     labels = {'official_pgseg': 'official_pgseg (random crop, scale 0.08-1)',
               'official_pgseg_large': 'official_pgseg, large crops only (scale 0.8-1)',
               'none': 'resize whole image (augment none)'}
     for a, label in labels.items():
-        print(f"{label:<52}{rates[a + '_plain']:>8.1f}{rates[a + '_draft']:>8.1f}{speedups[a]:>7.2f}x")
-    print(f"{'decode only (full size)':<52}{rates['decode_only']:>8.1f}")
-    speedup = speedups['official_pgseg']
+        print(f"{label:<50}{rates[a + '_plain']:>8.1f}{rates[a + '_draft']:>8.1f}{speedups[a]:>7.2f}x"
+              f"{rates[a + '_plain'] / rates['decode_full']:>10.0%}")
+    print('  (of decode: plain pipeline / full-size decode alone, the ceiling of a pipeline that decodes everything)')
+    print(f"\n{'decode alone':<50}{'img/s':>8}")
+    print(f"{'full size':<50}{rates['decode_full']:>8.1f}")
+    print(f"{'draft to 224 (1/2 of 512: the whole-image draft)':<50}{rates['decode_draft_224']:>8.1f}")
+    print(f"{'1/8 scale (entropy decoding only: the floor)':<50}{rates['decode_eighth']:>8.1f}")
+    print(f'no DCT-domain reduction decodes these images more than {bound:.2f}x faster than full size: the Huffman '
+          f'decoding of every coefficient stays')
+    print(f"\nresize 512 -> 224 alone: Pillow bilinear {resize_rates['pillow']:.0f}/s, torch uint8 (the transforms') "
+          f"{resize_rates['torch_uint8']:.0f}/s, {resize_rates['torch_uint8'] / resize_rates['pillow']:.2f}x")
     print(f'time to first batch (64 images, 2 workers): {first_batch_s:.2f} s')
-    return {'mode': 'data', **machine_info(torch.device('cpu')), 'images': len(blobs), 'rates': rates,
-            'draft_speedup': speedup, 'draft_speedups': speedups, 'first_batch_s': first_batch_s}
+    return {'mode': 'data', **machine_info(torch.device('cpu')), 'source': source_text, 'images': len(blobs),
+            'bits_per_pixel': bits_per_pixel, 'rates': rates, 'draft_speedup': speedups['official_pgseg'],
+            'draft_speedups': speedups, 'draft_decode_bound': bound, 'resize_rates': resize_rates,
+            'first_batch_s': first_batch_s}
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -471,7 +541,11 @@ def main(argv=None) -> int:
         p.add_argument('--precision', choices=['fp32', 'bf16'], default='bf16')
         p.add_argument('--two-pass', choices=['compare', 'on', 'off'], default='compare',
                        help='also run the two-pass evaluation for the ratio (compare), or not (off)')
-    modes['data'].add_argument('--images', type=int, default=96)
+    modes['data'].add_argument('--images', type=int, default=96, help='images to time (synthetic, or the first of '
+                               '--shards)')
+    for p in (modes['data'], modes['all']):
+        p.add_argument('--shards', default=None, help='time your own tar shards (a brace pattern, :: between '
+                       'several) instead of synthetic 512-pixel JPEGs')
     for p in (modes['data'], modes['all']):
         p.add_argument('--repeats', type=int, default=5)
     args = parser.parse_args(argv)

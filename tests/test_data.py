@@ -229,6 +229,34 @@ def test_draft_decoding_matches_full_decoding():
     assert (a - b).abs().mean() < 0.08  # the same crop; draft decoding differs only by resampling noise
 
 
+def test_random_resized_crop_equals_torchvision_on_pil():
+    """The official transform is torchvision's RandomResizedCrop + RandomHorizontalFlip on a PIL image: crop, then
+    Pillow's bilinear resize. Ours draws the same box and flip from the sample's rng and resizes with torch's uint8
+    kernel, which rounds differently (by 1, rarely 2 grey levels); a wrong box, axis order or flip is far off."""
+    from torchvision.transforms import functional as TF
+
+    from pgseg.data.transforms import resize_uint8, sample_crop_box
+    img = Image.fromarray(np.asarray(render_scene(scene_rng(0, 2), SceneConfig(size=320)).image)[:, :250])
+    buf = io.BytesIO()
+    img.save(buf, format='PNG')  # lossless: both sides see the same pixels
+    ours = TrainTransform(96, 'official_pgseg')
+    flips = 0
+    for seed in range(12):  # crops from 25x25 (upsampled) to the whole image (downsampled)
+        got = ours(buf.getvalue(), random.Random(seed))
+        rng = random.Random(seed)
+        left, top, w, h = sample_crop_box(img.width, img.height, rng)
+        want = TF.resized_crop(img, top, left, h, w, [96, 96], TF.InterpolationMode.BILINEAR)
+        if rng.random() < 0.5:
+            want, flips = TF.hflip(want), flips + 1
+        diff = (got.int() - torch.from_numpy(np.array(want)).permute(2, 0, 1).int()).abs()
+        assert got.shape == (3, 96, 96) and got.dtype == torch.uint8
+        assert diff.max() <= 2 and diff.float().mean() < 0.5, (seed, diff.max(), diff.float().mean())
+    assert 0 < flips < 12
+    for size in ((224, 224), (300, 41), (7, 500)):  # down, up and mixed, against Pillow directly
+        want = torch.from_numpy(np.array(img.resize(size[::-1], Image.BILINEAR))).permute(2, 0, 1)
+        assert (resize_uint8(img, size).int() - want.int()).abs().max() <= 2
+
+
 def test_worker_uint8_then_device_normalisation_equals_torchvision():
     from torchvision.transforms import functional as TF
 
