@@ -414,6 +414,23 @@ def _best_rates(jobs: dict, blobs: list[bytes], repeats: int) -> dict[str, float
     return rates
 
 
+def _released_transform_job():
+    """The released code's training transform, for the comparison: torchvision on a PIL image converted to RGB (as
+    webdataset's ``pil`` decoder gives it), normalised to float in the worker."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from pgseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    transform = T.Compose([T.RandomResizedCrop(224, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def run(batch):
+        torch.manual_seed(0)
+        for b in batch:
+            transform(Image.open(io.BytesIO(b)).convert('RGB'))
+    return run
+
+
 def mode_data(args) -> dict:
     """Decode + augmentation per worker (one thread), plain and draft, against the decoder's own limits."""
     from PIL import Image
@@ -454,6 +471,7 @@ def mode_data(args) -> dict:
                  'official_pgseg_large': ('official_pgseg', (0.8, 1.0)), 'none': ('none', (0.08, 1.0))}
     jobs = {f"{name}_{'draft' if draft else 'plain'}": pipeline(TrainTransform(224, augment, scale, use_draft=draft))
             for name, (augment, scale) in pipelines.items() for draft in (False, True)}
+    jobs['released'] = _released_transform_job()
     jobs['decode_full'] = decode(None)
     jobs['decode_draft_224'] = decode(lambda wh: (224, 224) if min(wh) >= 448 else wh)  # what augment none asks
     jobs['decode_eighth'] = decode(lambda wh: (max(1, wh[0] // 8), max(1, wh[1] // 8)))  # the entropy-decoding floor
@@ -484,6 +502,9 @@ def mode_data(args) -> dict:
         print(f"{label:<50}{rates[a + '_plain']:>8.1f}{rates[a + '_draft']:>8.1f}{speedups[a]:>7.2f}x"
               f"{rates[a + '_plain'] / rates['decode_full']:>10.0%}")
     print('  (of decode: plain pipeline / full-size decode alone, the ceiling of a pipeline that decodes everything)')
+    released = rates['official_pgseg_draft'] / rates['released']
+    print(f"the released code's transform (torchvision on PIL, float normalisation in the worker): "
+          f"{rates['released']:.1f} img/s; pgseg's official_pgseg with draft: {released:.2f}x")
     print(f"\n{'decode alone':<50}{'img/s':>8}")
     print(f"{'full size':<50}{rates['decode_full']:>8.1f}")
     print(f"{'draft to 224 (1/2 of 512: the whole-image draft)':<50}{rates['decode_draft_224']:>8.1f}")
@@ -495,8 +516,8 @@ def mode_data(args) -> dict:
     print(f'time to first batch (64 images, 2 workers): {first_batch_s:.2f} s')
     return {'mode': 'data', **machine_info(torch.device('cpu')), 'source': source_text, 'images': len(blobs),
             'bits_per_pixel': bits_per_pixel, 'rates': rates, 'draft_speedup': speedups['official_pgseg'],
-            'draft_speedups': speedups, 'draft_decode_bound': bound, 'resize_rates': resize_rates,
-            'first_batch_s': first_batch_s}
+            'draft_speedups': speedups, 'draft_decode_bound': bound, 'vs_released': released,
+            'resize_rates': resize_rates, 'first_batch_s': first_batch_s}
 
 
 # ---------------------------------------------------------------------------------------------------------- main
