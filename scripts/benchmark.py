@@ -443,9 +443,9 @@ def mode_data(args) -> dict:
         pattern, source_text = args.shards, args.shards
         blobs = _shard_images(args.shards, args.images)
     else:
-        folder = os.path.join(args.out_dir, f'jpeg512_{args.images}')
-        pattern = _write_jpeg_shards(folder, args.images)
-        source_text = f'synthetic 512x512 JPEGs in img2dataset shards ({folder})'
+        folder = os.path.join(args.out_dir, f'jpeg{args.size}_{args.images}')
+        pattern = _write_jpeg_shards(folder, args.images, args.size)
+        source_text = f'synthetic {args.size}x{args.size} JPEGs in img2dataset shards ({folder})'
         blobs = _shard_images(pattern, args.images)
     torch.set_num_threads(1)  # a data worker's setting
     sizes = [Image.open(io.BytesIO(b)).size for b in blobs]
@@ -507,12 +507,13 @@ def mode_data(args) -> dict:
           f"{rates['released']:.1f} img/s; pgseg's official_pgseg with draft: {released:.2f}x")
     print(f"\n{'decode alone':<50}{'img/s':>8}")
     print(f"{'full size':<50}{rates['decode_full']:>8.1f}")
-    print(f"{'draft to 224 (1/2 of 512: the whole-image draft)':<50}{rates['decode_draft_224']:>8.1f}")
+    print(f"{'draft to 224 (what the whole-image draft decodes)':<50}{rates['decode_draft_224']:>8.1f}")
     print(f"{'1/8 scale (entropy decoding only: the floor)':<50}{rates['decode_eighth']:>8.1f}")
     print(f'no DCT-domain reduction decodes these images more than {bound:.2f}x faster than full size: the Huffman '
           f'decoding of every coefficient stays')
-    print(f"\nresize 512 -> 224 alone: Pillow bilinear {resize_rates['pillow']:.0f}/s, torch uint8 (the transforms') "
-          f"{resize_rates['torch_uint8']:.0f}/s, {resize_rates['torch_uint8'] / resize_rates['pillow']:.2f}x")
+    gain = resize_rates['torch_uint8'] / resize_rates['pillow']
+    print(f"\nresize to 224 alone (the first 32 images): Pillow bilinear {resize_rates['pillow']:.0f}/s, "
+          f"torch uint8 (the transforms') {resize_rates['torch_uint8']:.0f}/s, {gain:.2f}x")
     print(f'time to first batch (64 images, 2 workers): {first_batch_s:.2f} s')
     return {'mode': 'data', **machine_info(torch.device('cpu')), 'source': source_text, 'images': len(blobs),
             'bits_per_pixel': bits_per_pixel, 'rates': rates, 'draft_speedup': speedups['official_pgseg'],
@@ -566,7 +567,8 @@ def main(argv=None) -> int:
                                '--shards)')
     for p in (modes['data'], modes['all']):
         p.add_argument('--shards', default=None, help='time your own tar shards (a brace pattern, :: between '
-                       'several) instead of synthetic 512-pixel JPEGs')
+                       'several) instead of synthetic JPEGs')
+        p.add_argument('--size', type=int, default=512, help="the synthetic JPEGs' side (img2dataset's image_size)")
     for p in (modes['data'], modes['all']):
         p.add_argument('--repeats', type=int, default=5)
     args = parser.parse_args(argv)
