@@ -133,6 +133,10 @@ def _set_npr(model, enabled: bool) -> None:
     model.is_pgseg = enabled and model.cfg.arch == 'pgseg'
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure_train_step(args) -> dict:
     import pgseg
     import pgseg.data.text
@@ -177,8 +181,15 @@ def measure_train_step(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return losses
 
-    for _ in range(args.warmup):
+    warmup_faults = []
+    for i in range(args.warmup + (args.warmup_extra if device.type == 'cpu' else 0)):
+        faults = _minor_faults()
         step()
+        warmup_faults.append(_minor_faults() - faults)
+        # on the CPU the heap grows for a few steps until freed blocks fit every request (pgseg.cpu_allocator); memory
+        # touched for the first time is slow on some machines, so time the steps a long run sees: after the growth
+        if i + 1 >= args.warmup and warmup_faults[-1] < 100:
+            break
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     with_npr, without_npr, em, gathers, match_wait = [], [], [], [], []
@@ -224,7 +235,7 @@ def measure_train_step(args) -> dict:
         'npr_variant': cfg.npr.variant, 'grad_checkpointing': args.grad_checkpointing, 'compile': args.compile,
         'attention': cfg.attention, 'malloc': os.environ.get('PGSEG_CPU_MALLOC'),
         'cpu_memory': configure_cpu_memory() if device.type == 'cpu' else None,
-        'text_tokens': tokens.shape[-1],
+        'text_tokens': tokens.shape[-1], 'warmup_steps': len(warmup_faults), 'warmup_page_faults': warmup_faults,
         'threads': torch.get_num_threads(), 'params': sum(p.numel() for p in model.parameters()),
         'step_s_median': step_s, 'step_s_all': with_npr, 'images_per_s': args.batch / step_s,
         'flops_per_step': flops, 'achieved_gflops': flops / step_s / 1e9,
@@ -247,7 +258,8 @@ def mode_train(args, peak: dict | None = None) -> dict:
     results = []
     for precision in args.precisions:
         cmd = [__file__, '_step', '--config', args.config, '--batch', str(args.batch), '--steps', str(args.steps),
-               '--warmup', str(args.warmup), '--precision', precision, '--device', args.device, '--malloc', args.malloc]
+               '--warmup', str(args.warmup), '--warmup-extra', str(args.warmup_extra), '--precision', precision,
+               '--device', args.device, '--malloc', args.malloc]
         cmd += (['--npr-variant', args.npr_variant] if args.npr_variant else [])
         cmd += (['--grad-checkpointing'] if args.grad_checkpointing else []) + (['--compile'] if args.compile else [])
         cmd += ['--full-context'] if args.full_context else []
@@ -288,6 +300,8 @@ def mode_train(args, peak: dict | None = None) -> dict:
         by = {r['precision']: r for r in results}
         speedup = by['fp32']['step_s_median'] / by['bf16']['step_s_median']
         print(f'\nbf16 / fp32 speed-up: {speedup:.2f}x')
+    print('warm-up: ' + ', '.join(f"{r['precision']} {r['warmup_steps']} steps (page faults per step: "
+                                  f"{' '.join(map(str, r['warmup_page_faults']))})" for r in results))
     return {'mode': 'train', **machine_info(device), 'peak': peak, 'peak_after': after, 'bf16_ceiling': ceiling,
             'malloc': args.malloc, 'config': args.config, 'results': results,
             'bf16_speedup': speedup}
@@ -546,7 +560,10 @@ def main(argv=None) -> int:
     for p in (modes['train'], modes['model'], modes['all'], step):
         p.add_argument('--batch', type=int, default=64)
         p.add_argument('--steps', type=int, default=3)
-        p.add_argument('--warmup', type=int, default=1)
+        p.add_argument('--warmup', type=int, default=2, help='warm-up steps before the timed ones, at least')
+        p.add_argument('--warmup-extra', type=int, default=8,
+                       help='CPU: up to this many more, until a step no longer grows the heap (fewer than 100 page '
+                            'faults)')
         p.add_argument('--npr-variant', choices=['reference', 'paper'], default=None)
         p.add_argument('--grad-checkpointing', action='store_true', help='activation checkpointing of every block')
         p.add_argument('--compile', action='store_true', help='torch.compile the model (GPU)')
