@@ -13,7 +13,11 @@ machine a page fault costs several microseconds and the paper model's bf16 step 
 
 The paper model's bf16 step on the development machine (README, Performance; bf16 attention logits then): 12.3 s
 with glibc's defaults, 8.4 s retained, 7.0 s retained on huge pages once the heap has reached its peak; the process
-keeps its peak heap.
+keeps its peak heap. Until then the heap grows, and on the development VMs memory touched for the first time costs
+far more than a page fault: 1.5-2 ms per MB, huge pages or not (the host backs guest memory lazily and takes freed
+guest pages back), against 4 GB/s for blocks glibc unmaps and maps again. The paper model's first bf16 steps take
+13 and 6.5 s, and an operator whose output needs new memory (an NPR head's 103 MB BatchNorm gradient) 150-330 ms
+instead of 10-25 ms; after about five steps no step faults anything in.
 ``init_distributed`` applies both to every CPU process of pgseg's commands; ``PGSEG_CPU_MALLOC=system`` keeps the
 defaults. The huge-page setting must come before the process's first large tensor (PyTorch reads it once); without
 glibc the retain setting does nothing.

@@ -74,6 +74,15 @@ def machine_info(device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- peak
+def _ceiling_probe(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of a bf16 n x n matmul now (median of ``reps``): the ceiling beside a training step, which the
+    machine's drift would otherwise separate from the one measured before all of them. On the CPU 2048, the best
+    size of ``peak`` on the development machines; 8192 on a GPU."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n ** 3 / _timed(lambda: a @ b, device, reps) / 1e9
+
+
 def measure_peak(device: torch.device, reps: int = 5) -> dict:
     sizes = [8192] if device.type == 'cuda' else [1024, 2048, 4096]
     out = {'matmul_gflops': {}, 'matmul_by_size': {}}
@@ -192,7 +201,7 @@ def measure_train_step(args) -> dict:
             break
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    with_npr, without_npr, em, gathers, match_wait = [], [], [], [], []
+    with_npr, without_npr, em, gathers, match_wait, beside = [], [], [], [], [], []
     for i in range(args.steps):
         # with and without NPR in adjacent pairs, the order alternating, so that drift cancels in the paired differences
         pair = (True, False) if i % 2 == 0 else (False, True)
@@ -212,6 +221,7 @@ def measure_train_step(args) -> dict:
                 em.append(em_timer.total)
                 gathers.append(gather_timer.total)
                 match_wait.append(matching.MATCH_TIMING['wait_s'])
+                beside.append(_ceiling_probe(device, 8192 if device.type == 'cuda' else 2048))
             else:
                 without_npr.append(elapsed)
     _set_npr(model, True)
@@ -238,6 +248,9 @@ def measure_train_step(args) -> dict:
         'text_tokens': tokens.shape[-1], 'warmup_steps': len(warmup_faults), 'warmup_page_faults': warmup_faults,
         'threads': torch.get_num_threads(), 'params': sum(p.numel() for p in model.parameters()),
         'step_s_median': step_s, 'step_s_all': with_npr, 'images_per_s': args.batch / step_s,
+        # the ceiling probed right after each timed step: the fraction of the step's rate paired with it
+        'ceiling_beside_steps_gflops': beside,
+        'fraction_of_ceiling_beside': statistics.median(flops / t / 1e9 / c for t, c in zip(with_npr, beside)),
         'flops_per_step': flops, 'achieved_gflops': flops / step_s / 1e9,
         'step_without_npr_s_median': statistics.median(without_npr) if without_npr else None,
         'step_without_npr_s_all': without_npr,
@@ -300,6 +313,11 @@ def mode_train(args, peak: dict | None = None) -> dict:
         by = {r['precision']: r for r in results}
         speedup = by['fp32']['step_s_median'] / by['bf16']['step_s_median']
         print(f'\nbf16 / fp32 speed-up: {speedup:.2f}x')
+    print('of the ceiling probed beside each step (a bf16 matmul right after it; the median of the steps\' '
+          'fractions): ' +
+          ', '.join(f"{r['precision']} {100 * r['fraction_of_ceiling_beside']:.1f}% (probes "
+                    f"{min(r['ceiling_beside_steps_gflops']):.0f}-{max(r['ceiling_beside_steps_gflops']):.0f} GFLOP/s)"
+                    for r in results))
     print('warm-up: ' + ', '.join(f"{r['precision']} {r['warmup_steps']} steps (page faults per step: "
                                   f"{' '.join(map(str, r['warmup_page_faults']))})" for r in results))
     return {'mode': 'train', **machine_info(device), 'peak': peak, 'peak_after': after, 'bf16_ceiling': ceiling,
