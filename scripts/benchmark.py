@@ -11,14 +11,17 @@
 ``train``: forward with every loss, backward and AdamW, each precision in a fresh process (its own peak memory):
 median step time, images/s, peak memory, FLOPs per step counted from the operators' shapes
 (``torch.utils.flop_counter``: matrix products, convolutions, attention; forward and backward), achieved FLOP/s and
-its fraction of the bf16 matmul ceiling measured in the same run (before and after the steps; the higher one); NPR's
+its fraction of the bf16 matmul ceiling measured in the same run (before and after the steps; the higher one) and
+of a bf16 matmul probed right after each timed step (the median of the steps' fractions: the machine's drift
+cancels), after warming up until a step no longer grows the heap (``--warmup-extra``); NPR's
 share of the step (the median of paired differences between the step with and without NPR, adjacent, same process:
 EM, matching, HRS and the prototype losses), EM's forward time alone, and the share spent in the losses' all-gathers
 (``--nproc 2`` runs the step under torchrun with gloo to measure it). ``--malloc system`` runs every mode with
 the system's allocator defaults instead of pgseg's (``pgseg.cpu_allocator``).
 ``eval``: crops/s and images/s on VOC-sized (500x375) images at the official protocol, one encoder pass per crop;
 ``--two-pass`` (or ``compare``, the default) also runs the released code's two passes (one for the group maps, one
-for the embeddings) for the ratio; and the time to build text embeddings for 171 classes x 80 templates.
+for the embeddings) for the ratio, image by image with the order alternating; and the time to build text
+embeddings for 171 classes x 80 templates.
 ``data``: images/s per worker (one thread) of decode + augmentation to 224 (``official_pgseg`` crops, large crops
 only, the whole image) with and without JPEG draft decoding, each as a fraction of decoding alone; the decoder's
 limits (full size, draft, and 1/8 scale: the entropy decoding that no DCT-domain reduction removes, which bounds what
