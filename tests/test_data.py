@@ -241,7 +241,7 @@ def test_random_resized_crop_equals_torchvision_on_pil():
     img.save(buf, format='PNG')  # lossless: both sides see the same pixels
     ours = TrainTransform(96, 'official_pgseg')
     flips = 0
-    for seed in range(12):  # crops from 25x25 (upsampled) to the whole image (downsampled)
+    for seed in range(12):  # crops of 91-245 pixels a side: upsampled and downsampled to 96
         got = ours(buf.getvalue(), random.Random(seed))
         rng = random.Random(seed)
         left, top, w, h = sample_crop_box(img.width, img.height, rng)

@@ -5,7 +5,7 @@ normalisation. The crop box is drawn from the header's size *before* decoding, s
 smallest 1/2^k scale that still gives the crop its full output resolution (the box snapped to the reduced image's
 pixels: within half of one of them): nearly the same pixels out, less decode and resize work. The crop is
 then resized as torchvision crops and resizes a PIL image, by :func:`resize_uint8` (torch's uint8 antialiased
-bilinear kernel: within 2 grey levels of Pillow's, about 3.5x faster in a single-threaded worker).
+bilinear kernel: within 2 grey levels of Pillow's, 2.2-2.8x faster in a single-threaded worker).
 ``official_groupvit``: timm's ``create_transform`` with GroupViT's RandAugment recipe and random erasing.
 Every image Pillow can open is turned into RGB correctly (grayscale, palette, alpha, CMYK, 16-bit).
 """
@@ -87,7 +87,7 @@ def resize_uint8(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """RGB PIL image -> uint8 [3, size[0], size[1]] resized by antialiased bilinear interpolation, as
     ``img.resize((size[1], size[0]), Image.BILINEAR)`` computes it (within 2 grey levels: both round fixed-point
     sums, differently). torch's uint8 kernel for channels-last images (the one torchvision's v2 transforms use) is
-    about 3.5x faster than Pillow's in a single-threaded data worker (``scripts/benchmark.py data``)."""
+    2.2-2.8x faster than Pillow's in a single-threaded data worker at 512 -> 224 (``scripts/benchmark.py data``)."""
     hwc = torch.from_numpy(np.array(img, dtype=np.uint8))  # a writable copy [H, W, 3]
     out = torch.nn.functional.interpolate(hwc.permute(2, 0, 1)[None], size=size, mode='bilinear', antialias=True,
                                           align_corners=False)  # a channels-last view in, channels-last out
