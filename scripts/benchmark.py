@@ -550,7 +550,7 @@ def mode_data(args) -> dict:
     print(f'no DCT-domain reduction decodes these images more than {bound:.2f}x faster than full size: the Huffman '
           f'decoding of every coefficient stays')
     gain = resize_rates['torch_uint8'] / resize_rates['pillow']
-    print(f"\nresize to 224 alone (the first 32 images): Pillow bilinear {resize_rates['pillow']:.0f}/s, "
+    print(f"\nresize to 224 alone (the first {len(decoded)} images): Pillow bilinear {resize_rates['pillow']:.0f}/s, "
           f"torch uint8 (the transforms') {resize_rates['torch_uint8']:.0f}/s, {gain:.2f}x")
     print(f'time to first batch (64 images, 2 workers): {first_batch_s:.2f} s')
     return {'mode': 'data', **machine_info(torch.device('cpu')), 'source': source_text, 'images': len(blobs),
