@@ -193,10 +193,13 @@ def measure_train_step(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return losses
 
-    warmup_faults = []
+    warmup_faults, warmup_s = [], []
     for i in range(args.warmup + (args.warmup_extra if device.type == 'cpu' else 0)):
         faults = _minor_faults()
+        t0 = time.perf_counter()
         step()
+        _sync(device)
+        warmup_s.append(time.perf_counter() - t0)  # the first one includes torch.compile's compilation
         warmup_faults.append(_minor_faults() - faults)
         # on the CPU the heap grows for a few steps until freed blocks fit every request (pgseg.cpu_allocator); memory
         # touched for the first time is slow on some machines, so time the steps a long run sees: after the growth
@@ -211,7 +214,9 @@ def measure_train_step(args) -> dict:
         for enabled in (pair if cfg.arch == 'pgseg' and not args.compile else (True,)):
             _set_npr(model, enabled)
             em_timer.total = gather_timer.total = 0.0
-            em_timer.active = gather_timer.active = enabled
+            # inside a compiled graph the timers' synchronisation would break the graph (and switching them on would
+            # recompile it): under --compile the step is timed whole
+            em_timer.active = gather_timer.active = enabled and not args.compile
             matching.MATCH_TIMING.update(solve_s=0.0, wait_s=0.0, problems=0)
             _sync(device)
             t0 = time.perf_counter()
@@ -249,6 +254,7 @@ def measure_train_step(args) -> dict:
         'attention': cfg.attention, 'malloc': os.environ.get('PGSEG_CPU_MALLOC'),
         'cpu_memory': configure_cpu_memory() if device.type == 'cpu' else None,
         'text_tokens': tokens.shape[-1], 'warmup_steps': len(warmup_faults), 'warmup_page_faults': warmup_faults,
+        'warmup_step_s': warmup_s,
         'threads': torch.get_num_threads(), 'params': sum(p.numel() for p in model.parameters()),
         'step_s_median': step_s, 'step_s_all': with_npr, 'images_per_s': args.batch / step_s,
         # the ceiling probed right after each timed step: the fraction of the step's rate paired with it
@@ -260,8 +266,9 @@ def measure_train_step(args) -> dict:
         # the median of the paired differences: the machine's drift between pairs does not enter
         'npr_share': (statistics.median(a - b for a, b in zip(with_npr, without_npr)) / step_s
                       if without_npr else None),
-        'em_forward_share': statistics.median(em) / step_s, 'gather_share': statistics.median(gathers) / step_s,
-        'match_wait_share': statistics.median(match_wait) / step_s,
+        'em_forward_share': None if args.compile else statistics.median(em) / step_s,
+        'gather_share': None if args.compile else statistics.median(gathers) / step_s,
+        'match_wait_share': None if args.compile else statistics.median(match_wait) / step_s,
         'peak_memory_mb': peak_mb, 'peak_memory_kind': peak_kind,
         'final_losses': {k: float(v.detach()) for k, v in losses.items()},
     }
@@ -272,12 +279,13 @@ def mode_train(args, peak: dict | None = None) -> dict:
     device = torch.device(args.device)
     peak = peak or measure_peak(device)
     results = []
-    for precision in args.precisions:
+    compiled = {'off': (False,), 'on': (True,), 'both': (False, True)}[args.compile]
+    for precision, compile_ in ((p, c) for p in args.precisions for c in compiled):
         cmd = [__file__, '_step', '--config', args.config, '--batch', str(args.batch), '--steps', str(args.steps),
                '--warmup', str(args.warmup), '--warmup-extra', str(args.warmup_extra), '--precision', precision,
                '--device', args.device, '--malloc', args.malloc]
         cmd += (['--npr-variant', args.npr_variant] if args.npr_variant else [])
-        cmd += (['--grad-checkpointing'] if args.grad_checkpointing else []) + (['--compile'] if args.compile else [])
+        cmd += (['--grad-checkpointing'] if args.grad_checkpointing else []) + (['--compile'] if compile_ else [])
         cmd += ['--full-context'] if args.full_context else []
         cmd += ['--attention', args.attention] if args.attention else []
         if args.nproc > 1:
@@ -294,38 +302,54 @@ def mode_train(args, peak: dict | None = None) -> dict:
     first = results[0]
     print(f"\ntrain: {os.path.basename(args.config)}, {first['params']:,} parameters, batch {args.batch} per process x "
           f"{first['world_size']}, NPR {first['npr_variant']}, activation checkpointing "
-          f"{'on' if args.grad_checkpointing else 'off'}, attention {first['attention']}, {first['threads']} threads, "
+          f"{'on' if args.grad_checkpointing else 'off'}, attention {first['attention']}, torch.compile "
+          f"{args.compile}, {first['threads']} threads, "
           f"torch {torch.__version__}\n"
           f"captions of {first['text_tokens']} tokens ({'full context' if args.full_context else 'padding trimmed'})")
     print(f"ceilings measured in this run, before / after the steps: matmul bf16 {peak['matmul_gflops']['bf16']:.0f} / "
           f"{after['matmul_gflops']['bf16']:.0f} GFLOP/s (fractions of {ceiling:.0f}), fp32 "
           f"{peak['matmul_gflops']['fp32']:.0f} / {after['matmul_gflops']['fp32']:.0f} GFLOP/s; "
           f"{first['flops_per_step'] / 1e9:.1f} GFLOP per step; CPU malloc: {args.malloc}\n")
-    head = (f"{'precision':<10}{'step s':>8}{'img/s':>8}{'GFLOP/s':>9}{'of bf16':>9}{'NPR':>7}{'EM fwd':>8}"
+    head = (f"{'precision':<14}{'step s':>8}{'img/s':>8}{'GFLOP/s':>9}{'of bf16':>9}{'NPR':>7}{'EM fwd':>8}"
             f"{'gather':>8}{'peak MB':>9}")
     print(head)
     print('-' * len(head))
+    def share(x):
+        return '-' if x is None else f'{100 * x:.1f}%'
+
     for r in results:
         r['fraction_of_bf16_peak'] = r['achieved_gflops'] / ceiling
-        npr = f"{100 * r['npr_share']:.1f}%" if r['npr_share'] is not None else '-'
-        print(f"{r['precision']:<10}{r['step_s_median']:>8.3f}{r['images_per_s']:>8.2f}{r['achieved_gflops']:>9.1f}"
-              f"{100 * r['fraction_of_bf16_peak']:>8.1f}%{npr:>7}{100 * r['em_forward_share']:>7.1f}%"
-              f"{100 * r['gather_share']:>7.1f}%{r['peak_memory_mb']:>9.0f}")
+        print(f"{_label(r):<14}{r['step_s_median']:>8.3f}{r['images_per_s']:>8.2f}{r['achieved_gflops']:>9.1f}"
+              f"{100 * r['fraction_of_bf16_peak']:>8.1f}%{share(r['npr_share']):>7}{share(r['em_forward_share']):>8}"
+              f"{share(r['gather_share']):>8}{r['peak_memory_mb']:>9.0f}")
+    by = {(r['precision'], r['compile']): r for r in results}
     speedup = None
-    if {'fp32', 'bf16'} <= {r['precision'] for r in results}:
-        by = {r['precision']: r for r in results}
-        speedup = by['fp32']['step_s_median'] / by['bf16']['step_s_median']
-        print(f'\nbf16 / fp32 speed-up: {speedup:.2f}x')
+    for c in compiled:
+        if ('fp32', c) in by and ('bf16', c) in by:
+            ratio = by[('fp32', c)]['step_s_median'] / by[('bf16', c)]['step_s_median']
+            speedup = speedup or ratio  # the JSON's bf16_speedup: eager where eager ran
+            print(f"\nbf16 / fp32 speed-up{' (compiled)' if c else ''}: {ratio:.2f}x")
+    compile_speedups = {p: by[(p, False)]['step_s_median'] / by[(p, True)]['step_s_median']
+                        for p in args.precisions if (p, False) in by and (p, True) in by}
+    for p, ratio in compile_speedups.items():
+        print(f"torch.compile, {p}: {ratio:.2f}x eager (compilation and first step: "
+              f"{by[(p, True)]['warmup_step_s'][0]:.0f} s, against {by[(p, False)]['warmup_step_s'][0]:.0f} s eager)")
+    if args.compile != 'off':
+        print('  (compiled steps are timed whole: NPR, EM and gather shares are measured eager only)')
     print('of the ceiling probed beside each step (a bf16 matmul right after it; the median of the steps\' '
           'fractions): ' +
-          ', '.join(f"{r['precision']} {100 * r['fraction_of_ceiling_beside']:.1f}% (probes "
+          ', '.join(f"{_label(r)} {100 * r['fraction_of_ceiling_beside']:.1f}% (probes "
                     f"{min(r['ceiling_beside_steps_gflops']):.0f}-{max(r['ceiling_beside_steps_gflops']):.0f} GFLOP/s)"
                     for r in results))
-    print('warm-up: ' + ', '.join(f"{r['precision']} {r['warmup_steps']} steps (page faults per step: "
+    print('warm-up: ' + ', '.join(f"{_label(r)} {r['warmup_steps']} steps (page faults per step: "
                                   f"{' '.join(map(str, r['warmup_page_faults']))})" for r in results))
     return {'mode': 'train', **machine_info(device), 'peak': peak, 'peak_after': after, 'bf16_ceiling': ceiling,
             'malloc': args.malloc, 'config': args.config, 'results': results,
-            'bf16_speedup': speedup}
+            'bf16_speedup': speedup, 'compile_speedups': compile_speedups}
+
+
+def _label(result: dict) -> str:
+    return result['precision'] + (' compiled' if result['compile'] else '')
 
 
 # ---------------------------------------------------------------------------------------------------------- eval
@@ -413,10 +437,12 @@ def _write_jpeg_shards(folder: str, num: int, size: int = 512, per_shard: int = 
 
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')
+CAPTION_SUFFIXES = ('.txt', '.text')
 
 
-def _shard_images(pattern: str, limit: int) -> list[bytes]:
-    """The image members of the tar shards a brace pattern names (``::`` separates patterns), at most ``limit``."""
+def _shard_images(pattern: str, limit: int) -> tuple[list[bytes], int]:
+    """The image members of the tar shards a brace pattern names (``::`` separates patterns), at most ``limit``, and
+    the number of caption members (``.txt`` / ``.text``) read on the way (the training loader needs them)."""
     import tarfile
 
     import braceexpand
@@ -426,16 +452,20 @@ def _shard_images(pattern: str, limit: int) -> list[bytes]:
         raise SystemExit(f'data --shards {pattern!r}: {len(missing)} of {len(paths)} shards do not exist '
                          f'(first: {missing[0]})')
     blobs: list[bytes] = []
+    captions = 0
     for path in paths:
         with tarfile.open(path) as tar:
             for member in tar:
-                if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
+                name = member.name.lower()
+                if member.isfile() and name.endswith(CAPTION_SUFFIXES):
+                    captions += 1
+                if member.isfile() and name.endswith(IMAGE_SUFFIXES):
                     blobs.append(tar.extractfile(member).read())
                     if len(blobs) >= limit:
-                        return blobs
+                        return blobs, captions
     if not blobs:
         raise SystemExit(f'data --shards {pattern!r}: no {"/".join(IMAGE_SUFFIXES)} members in {len(paths)} shards')
-    return blobs
+    return blobs, captions
 
 
 def _best_rates(jobs: dict, blobs: list[bytes], repeats: int) -> dict[str, float]:
@@ -477,12 +507,12 @@ def mode_data(args) -> dict:
 
     if args.shards:
         pattern, source_text = args.shards, args.shards
-        blobs = _shard_images(args.shards, args.images)
+        blobs, captions = _shard_images(args.shards, args.images)
     else:
         folder = os.path.join(args.out_dir, f'jpeg{args.size}_{args.images}')
         pattern = _write_jpeg_shards(folder, args.images, args.size)
         source_text = f'synthetic {args.size}x{args.size} JPEGs in img2dataset shards ({folder})'
-        blobs = _shard_images(pattern, args.images)
+        blobs, captions = _shard_images(pattern, args.images)
     torch.set_num_threads(1)  # a data worker's setting
     sizes = [Image.open(io.BytesIO(b)).size for b in blobs]
     bits_per_pixel = 8 * sum(map(len, blobs)) / sum(w * h for w, h in sizes)
@@ -521,12 +551,14 @@ def mode_data(args) -> dict:
                                 'torch_uint8': lambda imgs: [resize_uint8(im, (224, 224)) for im in imgs]},
                                decoded, args.repeats)
 
-    source = expand_source('bench', pattern, len(blobs) if args.shards else None, 1.0)
-    stream = TrainStream([source], TrainTransform(224, 'official_pgseg'), CaptionTokenizer(77), batch_size=64,
-                         steps_per_epoch=2, seed=0, num_workers=2, shuffle_buffer=64, resampled=True)
-    t0 = time.perf_counter()
-    next(iter(build_train_loader(stream, 2)))
-    first_batch_s = time.perf_counter() - t0
+    first_batch_s = None
+    if captions:  # the training loader skips (and counts) samples without a caption: none would ever make a batch
+        source = expand_source('bench', pattern, len(blobs) if args.shards else None, 1.0)
+        stream = TrainStream([source], TrainTransform(224, 'official_pgseg'), CaptionTokenizer(77), batch_size=64,
+                             steps_per_epoch=2, seed=0, num_workers=2, shuffle_buffer=64, resampled=True)
+        t0 = time.perf_counter()
+        next(iter(build_train_loader(stream, 2)))
+        first_batch_s = time.perf_counter() - t0
 
     speedups = {a: rates[f'{a}_draft'] / rates[f'{a}_plain'] for a in pipelines}
     bound = rates['decode_eighth'] / rates['decode_full']
@@ -552,7 +584,10 @@ def mode_data(args) -> dict:
     gain = resize_rates['torch_uint8'] / resize_rates['pillow']
     print(f"\nresize to 224 alone (the first {len(decoded)} images): Pillow bilinear {resize_rates['pillow']:.0f}/s, "
           f"torch uint8 (the transforms') {resize_rates['torch_uint8']:.0f}/s, {gain:.2f}x")
-    print(f'time to first batch (64 images, 2 workers): {first_batch_s:.2f} s')
+    if first_batch_s is None:
+        print(f'time to first batch: not measured, the shards have no {"/".join(CAPTION_SUFFIXES)} captions')
+    else:
+        print(f'time to first batch (64 images, 2 workers): {first_batch_s:.2f} s')
     return {'mode': 'data', **machine_info(torch.device('cpu')), 'source': source_text, 'images': len(blobs),
             'bits_per_pixel': bits_per_pixel, 'rates': rates, 'draft_speedup': speedups['official_pgseg'],
             'draft_speedups': speedups, 'draft_decode_bound': bound, 'vs_released': released,
@@ -590,7 +625,12 @@ def main(argv=None) -> int:
                             'faults)')
         p.add_argument('--npr-variant', choices=['reference', 'paper'], default=None)
         p.add_argument('--grad-checkpointing', action='store_true', help='activation checkpointing of every block')
-        p.add_argument('--compile', action='store_true', help='torch.compile the model (GPU)')
+        if p is step:
+            p.add_argument('--compile', action='store_true', help='torch.compile the model')
+        else:
+            p.add_argument('--compile', nargs='?', const='on', default='off', choices=['off', 'on', 'both'],
+                           help='torch.compile the model (--compile: on), or time each precision eager and compiled '
+                                'side by side (both)')
         p.add_argument('--nproc', type=int, default=1, help='processes (torchrun, gloo on the CPU)')
         p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
         p.add_argument('--attention', choices=['auto', 'math', 'fused'], default=None,

@@ -412,7 +412,7 @@ def test_attention_kernel_choice():
     cpu = torch.device('cpu')
     with torch.autocast('cpu', dtype=torch.bfloat16):
         with model.attention_kernels(cpu):  # CPU bf16 training: matmuls + softmax, SDPA math for the text tower
-            assert current_attention_kernel() == 'matmul'
+            assert current_attention_kernel() == 'math'
             assert _cur_sdpa_kernel_backends() == [SDPBackend.MATH]
         with torch.no_grad(), model.attention_kernels(cpu):  # inference: fused
             assert current_attention_kernel() == 'fused'
@@ -422,7 +422,7 @@ def test_attention_kernel_choice():
     assert current_attention_kernel() == 'fused'  # the default outside any choice
     model.cfg.attention = 'math'
     with torch.no_grad(), model.attention_kernels(cpu):
-        assert current_attention_kernel() == 'matmul'
+        assert current_attention_kernel() == 'math'
     model.cfg.attention = 'flash'
     with pytest.raises(pgseg.ConfigError, match="model.attention must be 'auto', 'math' or 'fused', got 'flash'"):
         model.attention_kernels(cpu)
@@ -440,13 +440,13 @@ def test_matmul_attention_matches_sdpa():
     ours, ref = ours.double(), ref.double()
     expected = ref(x)
     (g_ref,) = torch.autograd.grad(expected.square().sum(), x)
-    for kernel in ('fused', 'matmul'):
+    for kernel in ('fused', 'math'):
         with attention_kernel(kernel):
             got = ours(x)
         (g,) = torch.autograd.grad(got.square().sum(), x)
         assert torch.allclose(got, expected, atol=1e-10), kernel
         assert torch.allclose(g, g_ref, atol=1e-10), kernel
-    with pytest.raises(ValueError, match="attention kernel must be 'fused' or 'matmul', got 'flash'"):
+    with pytest.raises(ValueError, match="attention kernel must be 'fused' or 'math', got 'flash'"):
         with attention_kernel('flash'):
             pass
 
@@ -459,7 +459,7 @@ def test_matmul_kernel_keeps_logits_in_float32_under_bf16_autocast():
     q, k = (torch.randn(2, 2, 50, 16) * 3).bfloat16(), (torch.randn(2, 2, 50, 16) * 3).bfloat16()
     v = torch.randn(2, 2, 50, 16).bfloat16()
     exact = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 4, -1) @ v.double()
-    with attention_kernel('matmul'), torch.autocast('cpu', dtype=torch.bfloat16):
+    with attention_kernel('math'), torch.autocast('cpu', dtype=torch.bfloat16):
         out = scaled_dot_product_attention(q, k, v)
     assert out.dtype == torch.bfloat16
     assert (out.double() - exact).abs().max() < 0.016
@@ -475,7 +475,7 @@ def test_matmul_kernel_routes_every_image_attention(monkeypatch):
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    with attention_kernel('matmul'):
+    with attention_kernel('math'):
         model.img_encoder(images)
     assert calls == []
     with attention_kernel('fused'):

@@ -3,11 +3,12 @@
 ``GroupSegModel.attention_kernels`` (``model.attention``) picks the kernel with :func:`attention_kernel`:
 
 - ``'fused'``: ``F.scaled_dot_product_attention``; PyTorch picks flash / memory-efficient / cuDNN where they apply.
-- ``'matmul'``: two batched matmuls and a softmax with autograd's own backward: the logits and the softmax in
-  float32, the product with v in v's dtype (bf16 under a bf16 autocast). On the CPU under bf16 training this is 1.5x
-  faster than the flash kernel at the paper model's 260 tokens (forward and backward of the attention alone: 215
-  against 328 ms at batch 64, 6 heads; 132 ms with bf16 logits, which lose precision), while SDPA's own math
-  backend computes everything in float32 there (303 ms). README, Performance.
+- ``'math'`` (``model.attention: math``): two batched matmuls and a softmax with autograd's own backward: the
+  logits and the softmax in float32, the product with v in v's dtype (bf16 under a bf16 autocast). On the CPU under
+  bf16 training this is 1.5x faster than the flash kernel at the paper model's 260 tokens (forward and backward of
+  the attention alone: 215 against 328 ms at batch 64, 6 heads; 132 ms with bf16 logits, which lose precision), while
+  SDPA's own math backend computes everything in float32 there (303 ms); ``model.attention: math`` also selects
+  SDPA's math backend for the text tower. README, Performance.
 
 :class:`Attention` is timm's ViT attention (same parameters, same keys) calling :func:`scaled_dot_product_attention`,
 so timm's ``Block`` builds it through ``attn_layer``.
@@ -25,15 +26,15 @@ from timm.layers import Attention as TimmAttention
 __all__ = ['Attention', 'AttentionKernel', 'attention_kernel', 'current_attention_kernel',
            'scaled_dot_product_attention']
 
-AttentionKernel = Literal['fused', 'matmul']
+AttentionKernel = Literal['fused', 'math']
 _KERNEL: contextvars.ContextVar[str] = contextvars.ContextVar('pgseg_attention_kernel', default='fused')
 
 
 @contextlib.contextmanager
 def attention_kernel(kernel: AttentionKernel) -> Iterator[None]:
     """Inside the block, :func:`scaled_dot_product_attention` uses ``kernel``."""
-    if kernel not in ('fused', 'matmul'):
-        raise ValueError(f"attention kernel must be 'fused' or 'matmul', got {kernel!r}")
+    if kernel not in ('fused', 'math'):
+        raise ValueError(f"attention kernel must be 'fused' or 'math', got {kernel!r}")
     token = _KERNEL.set(kernel)
     try:
         yield

@@ -315,7 +315,7 @@ class GroupSegModel(nn.Module):
 @contextlib.contextmanager
 def _attention_context(choice: str):
     """``math``: pgseg's matmul attention, SDPA's math backend for the text tower; ``fused``: PyTorch's choice."""
-    with attention_kernel('matmul' if choice == 'math' else 'fused'):
+    with attention_kernel(choice):
         with sdpa_kernel(SDPBackend.MATH) if choice == 'math' else contextlib.nullcontext():
             yield
 
