@@ -181,6 +181,10 @@ class TrainLoopConfig:
     # train.time_limit_minutes, so that a slower machine still finishes its schedule instead of being cut mid-decay
     fit_schedule_to_time_limit: bool = False
     find_unused_parameters: bool = False
+    # torch.compile the training losses' computation (GroupSegModel.compile_losses, inductor): the first step
+    # compiles, and the step where the caption length first changes compiles once more for dynamic lengths (a minute
+    # or more each on a small CPU); see README, Performance, for what it gains
+    compile: bool = False
 
 
 @dataclass

@@ -53,6 +53,7 @@ from .optim import build_optimizer, build_scheduler, scaled_lrs, shorten_schedul
 from .prompts import get_templates
 
 log = logging.getLogger('pgseg.train')
+COMPILE_BACKEND = 'inductor'  # torch.compile's backend under train.compile (the tests swap in a faster one)
 
 
 def environment_info(world: int) -> dict:
@@ -160,6 +161,8 @@ def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:
     model.to(device)
     if device.type == 'cuda' and world > 1:
         model.convert_sync_batchnorm()
+    if cfg.train.compile:
+        model.compile_losses(backend=COMPILE_BACKEND)
     lr, warmup_lr, min_lr = scaled_lrs(cfg.optim, global_batch)
     optimizer = build_optimizer(model, cfg.optim, lr)
     scheduler = build_scheduler(optimizer, total_steps, cfg.train.warmup_epochs * steps_per_epoch, warmup_lr,

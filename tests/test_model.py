@@ -356,14 +356,14 @@ def test_bad_model_config_errors():
 @pytest.mark.parametrize('variant', ['paper', 'reference'])
 def test_npr_terms_combine_and_matching_direction(variant, monkeypatch):
     """npr = weight * (sum of stage terms + text_weight * text term); the paper variant maximises the matching."""
-    import pgseg.models.model as model_module
+    from pgseg.models import matching
     calls = []
-    real = model_module.match_async
+    real = matching.hungarian_indices
 
     def spy(sim, maximize):
         calls.append(maximize)
         return real(sim, maximize)
-    monkeypatch.setattr(model_module, 'match_async', spy)
+    monkeypatch.setattr(matching, 'hungarian_indices', spy)
     cfg = tiny_model_config('pgseg', variant)
     cfg.npr.weight, cfg.npr.text_weight = 0.3, 0.2
     losses = pgseg.build_model(cfg).train().compute_losses(*tiny_batch())

@@ -212,3 +212,42 @@ def test_ddp_step_equals_one_process_on_the_concatenated_batch(tmp_path):
     images, tokens = tiny_batch(8)
     expected = _one_sgd_step(_ddp_model(), images, tokens)
     mp.spawn(_ddp_worker, args=(os.path.join(tmp_path, 'init'), expected), nprocs=2, join=True)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_without_recompiling_each_step(tmp_path, shards, monkeypatch):
+    """train.compile: the trainer compiles the losses' computation; the losses follow the eager run's, the graphs
+    cover the whole step (a fallback to eager inside it would compile each submodule as a frame of its own: 20+),
+    and later steps reuse them although model.step and the caption length change."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    import pgseg.train
+
+    def cfg(name, **train):
+        c = _cfg(shards, tmp_path / name, max_steps=5, **train)
+        # the noun losses from step 2: forward's branch on the step changes once
+        c.model.multi_label, c.model.group_word_weight, c.model.noun_losses_start_step = 2, 1.0, 2
+        return c
+    eager = run(cfg('eager'))
+    counter = CompileCounterWithBackend('aot_eager')  # inductor's code generation would take minutes here
+    monkeypatch.setattr(pgseg.train, 'COMPILE_BACKEND', counter)
+    frames, log_step = [], pgseg.train._log_step
+
+    def count_frames(*args, **kwargs):  # after every step (log.every_steps=1)
+        frames.append(counter.frame_count)
+        log_step(*args, **kwargs)
+    monkeypatch.setattr(pgseg.train, '_log_step', count_frames)
+    compiled = run(cfg('compiled', compile=True))
+    assert eager.step == compiled.step == 5
+    rows = {name: [json.loads(line) for line in open(tmp_path / name / 'metrics.jsonl')]
+            for name in ('eager', 'compiled')}
+    assert len(rows['eager']) == len(rows['compiled']) == len(frames) == 5
+    # the first steps agree to float rounding (later, a near-tie in a Hungarian matching may flip on it)
+    for a, b in zip(rows['eager'][:3], rows['compiled'][:3]):
+        for key in ('train/loss', 'train/itc', 'train/npr', 'train/grad_norm'):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4), (key, a, b)
+    assert 'train/group_word' in rows['compiled'][2]
+    assert 0 < frames[0] <= 8, frames  # the matching's graph breaks split the step into a few graphs
+    # recompiled when the caption length first changes (dynamic from then on) and when the noun losses start, then
+    # never again: the last steps compile nothing although model.step changes every step
+    assert frames[2] == frames[3] == frames[4], frames

@@ -11,12 +11,13 @@ from __future__ import annotations
 import atexit
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Sequence
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ['MatchHandle', 'match_async', 'hungarian_indices', 'MATCH_TIMING']
+__all__ = ['MatchHandle', 'match_async', 'match_all_async', 'join_all', 'hungarian_indices', 'MATCH_TIMING']
 
 _POOL: ThreadPoolExecutor | None = None
 # Seconds spent solving (in the worker) and waiting for results (in the caller): read by scripts/benchmark.py.
@@ -52,6 +53,7 @@ class MatchHandle:
     def __init__(self, future: Future, device: torch.device):
         self._future, self._device = future, device
 
+    @torch.compiler.disable  # a host wait: under torch.compile, one clean graph break instead of tracing into it
     def indices(self) -> torch.Tensor:
         start = time.perf_counter()
         idx = torch.from_numpy(self._future.result())
@@ -61,6 +63,7 @@ class MatchHandle:
         return idx.to(self._device)
 
 
+@torch.compiler.disable  # host work and a thread pool: one graph break under torch.compile
 @torch.no_grad()
 def match_async(sim: torch.Tensor, maximize: bool) -> MatchHandle:
     """Start solving the assignment problems ``sim`` [B, G, G] (rows: queries, columns: targets)."""
@@ -82,3 +85,15 @@ def match_async(sim: torch.Tensor, maximize: bool) -> MatchHandle:
         def solve() -> np.ndarray:
             return hungarian_indices(host, maximize)
     return MatchHandle(_pool().submit(solve), sim.device)
+
+
+@torch.compiler.disable  # one graph break for all of them: a break inside a loop makes dynamo skip the whole frame
+def match_all_async(sims: Sequence[torch.Tensor], maximize: bool) -> list[MatchHandle]:
+    """:func:`match_async` of each similarity [B, G, G] in ``sims``."""
+    return [match_async(sim, maximize) for sim in sims]
+
+
+@torch.compiler.disable
+def join_all(handles: Sequence[MatchHandle]) -> list[torch.Tensor]:
+    """The indices of each matching in ``handles``, waiting for them in order."""
+    return [h.indices() for h in handles]

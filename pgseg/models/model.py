@@ -26,7 +26,7 @@ from ..losses import (
 from .attention import attention_kernel
 from .grouping import straight_through_hard
 from .image_encoder import GroupViTImageEncoder, ImageFeatures
-from .matching import MatchHandle, match_async
+from .matching import MatchHandle, join_all, match_all_async, match_async
 from .projection import ProjectionMLP, frozen_bn_statistics
 from .text_encoder import TextEncoder, valid_token_mask
 
@@ -92,6 +92,18 @@ class GroupSegModel(nn.Module):
         if cfg.multi_label > 0 and not cfg.share_temperature:
             self.multi_label_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.contrast_temperature)))
 
+    @property
+    def step(self) -> int:
+        """The training step, set by the trainer before each one."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = int(value)
+        # forward() reads this flag, not the step: under torch.compile (train.compile) a graph guards on the values
+        # it reads, and an int that changes every step would recompile it every step; a bool changes once
+        self._noun_losses_on = self._step >= self.cfg.noun_losses_start_step
+
     # ------------------------------------------------------------------ inference
     def encode_image(self, images: torch.Tensor, with_group_embeds: bool = True) -> ImageOutput:
         """images: normalised [B, 3, H, W] -> :class:`ImageOutput`."""
@@ -153,7 +165,17 @@ class GroupSegModel(nn.Module):
         Returns ``itc``, for PGSeg ``npr`` (already weighted) and its unweighted parts ``npr_image_<k>`` and
         ``npr_text``, ``multi_label`` and ``grounding`` when enabled, and ``loss``, the sum to minimise.
         """
-        return self._compute_losses(images, tokens, npr_variant or self.cfg.npr.variant)
+        # the kernel choice is made here, outside the body: torch.compile cannot trace the ContextVar it sets, and a
+        # graph break there would leave the whole body to eager execution (compile_losses compiles the body alone)
+        with self.attention_kernels(images.device):
+            return self._compute_losses(images, tokens, npr_variant or self.cfg.npr.variant)
+
+    def compile_losses(self, **compile_kwargs) -> None:
+        """``torch.compile`` the training losses' computation in place (``train.compile``); ``compile_kwargs`` go to
+        ``torch.compile`` (``backend``, ``mode``, ...). The attention kernel choice and the Hungarian matching's
+        host work stay outside the compiled graphs (the matching is one graph break at its start and one where the
+        loss needs its result). Only :meth:`compute_losses` / :meth:`forward` are affected; inference is eager."""
+        self._compute_losses = torch.compile(self._compute_losses, **compile_kwargs)
 
     def attention_kernels(self, device: torch.device) -> contextlib.AbstractContextManager:
         """The attention kernels for a forward pass (``model.attention``): pgseg's own attention (image tower,
@@ -178,18 +200,17 @@ class GroupSegModel(nn.Module):
                 raise ValueError(f'compute_losses: tokens of shape {tuple(tokens.shape)} carry prompts, but '
                                  f'model.multi_label is 0')
             tokens, prompts = tokens[:, 0], tokens[:, 1:]
-        with self.attention_kernels(images.device):
-            feats = self.img_encoder(images)
+        feats = self.img_encoder(images)
         image_embeds, pooled_groups = self._project_image(feats)
         matches: list[MatchHandle] = []
         if self.is_pgseg:
             self._check_variant(variant)
-            for stage in feats.stages:  # start the image matchings now; they finish while the text tower runs
-                matches.append(match_async(_cosine(stage.grouping.group_queries, stage.prototypes),
-                                           maximize=variant == 'paper'))
+            # start the image matchings now; they finish while the text tower runs (one call for all stages:
+            # under torch.compile each call is a graph break, and none may sit inside a loop)
+            sims = [_cosine(stage.grouping.group_queries, stage.prototypes) for stage in feats.stages]
+            matches = match_all_async(sims, maximize=variant == 'paper')
         all_tokens = tokens if prompts is None else torch.cat([tokens.unsqueeze(1), prompts], dim=1)  # [B, (1+K,) L]
-        with self.attention_kernels(tokens.device):
-            pooled, token_feats = self.text_encoder.encode(all_tokens.flatten(0, -2))
+        pooled, token_feats = self.text_encoder.encode(all_tokens.flatten(0, -2))
         if prompts is None:
             text_embeds = self.text_projector(pooled)
         else:  # caption and prompts in one pass, one BatchNorm batch, as the official code
@@ -203,7 +224,7 @@ class GroupSegModel(nn.Module):
             scale = getattr(self, 'multi_label_logit_scale', self.logit_scale)
             losses['multi_label'] = multi_label_contrastive_loss(image_embeds, prompt_embeds, scale)
             total = total + self.cfg.multi_label_loss_weight * losses['multi_label']
-        nouns = prompts is not None and self.step >= self.cfg.noun_losses_start_step
+        nouns = prompts is not None and self._noun_losses_on
         grounding = nouns and self.cfg.grounding_weight > 0
         group_word = nouns and self.cfg.group_word_weight > 0
         # the final groups as inference classifies them, for the noun losses and the paper NPR text term
@@ -224,7 +245,10 @@ class GroupSegModel(nn.Module):
                                                    self.cfg.balance_min_groups)
             total = total + self.cfg.balance_weight * losses['balance']
         if self.is_pgseg:
-            losses.update(self._prototype_losses(feats, group_embeds, tokens, pooled, token_feats, matches, variant))
+            # a statement of its own: the matching's graph breaks inside return here, and a resume point holding
+            # ``losses.update`` (a new bound method every step) would recompile every step under torch.compile
+            npr_losses = self._prototype_losses(feats, group_embeds, tokens, pooled, token_feats, matches, variant)
+            losses.update(npr_losses)
             total = total + losses['npr']
         losses['loss'] = total
         return losses
@@ -274,8 +298,8 @@ class GroupSegModel(nn.Module):
                 text_side = self.text_projector(protos)  # [B, K, D]
         text_match = match_async(_cosine(group_side, text_side), maximize=variant == 'paper')
         weights = npr.stage_weights if (variant == 'paper' and npr.stage_weights) else [1.0] * len(feats.stages)
-        for k, (stage, handle) in enumerate(zip(feats.stages, matches)):
-            matched = _gather_rows(stage.prototypes, handle.indices())
+        for k, (stage, indices) in enumerate(zip(feats.stages, join_all(matches))):
+            matched = _gather_rows(stage.prototypes, indices)
             term = prototype_contrastive_loss(stage.grouping.group_queries, matched, log_scale,
                                               npr.hrs_threshold, pair_score)
             out[f'npr_image_{k}'] = term.detach()
