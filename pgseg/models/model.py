@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import List, Literal, Sequence
 
@@ -175,6 +176,9 @@ class GroupSegModel(nn.Module):
         ``torch.compile`` (``backend``, ``mode``, ...). The attention kernel choice and the Hungarian matching's
         host work stay outside the compiled graphs (the matching is one graph break at its start and one where the
         loss needs its result). Only :meth:`compute_losses` / :meth:`forward` are affected; inference is eager."""
+        # inductor's own lowering code calls a deprecated torch helper, one FutureWarning per operator it lowers
+        warnings.filterwarnings('ignore', message=r'`torch\._prims_common\.check` is deprecated',
+                                category=FutureWarning)
         self._compute_losses = torch.compile(self._compute_losses, **compile_kwargs)
 
     def attention_kernels(self, device: torch.device) -> contextlib.AbstractContextManager:
