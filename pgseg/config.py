@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Literal, Sequence
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
@@ -170,7 +171,8 @@ class TrainLoopConfig:
     epochs: int = 30
     warmup_epochs: int = 10
     steps_per_epoch: int | None = None  # None: total samples // global batch
-    precision: Literal['fp32', 'bf16', 'fp16'] = 'bf16'
+    # auto: bf16 where the device multiplies it natively, else fp16 on a GPU, fp32 on a CPU (pgseg.precision)
+    precision: Literal['auto', 'fp32', 'bf16', 'fp16'] = 'auto'
     grad_accum_steps: int = 1
     seed: int = 0
     output_dir: str = 'runs/${oc.env:PGSEG_RUN_NAME,pgseg}'
@@ -274,6 +276,17 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         return OmegaConf.from_dotlist(list(overrides))
     except oc_errors.OmegaConfBaseException as exc:
         raise _config_error(exc, 'command line') from None
+    except yaml.YAMLError:  # a value that is not YAML: name the override it is in
+        for item in overrides:
+            try:
+                OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as exc:
+                key = item.split('=', 1)[0]
+                raise ConfigError(f'override {item!r}: the value of {key} is not valid YAML '
+                                  f'({getattr(exc, "problem", None) or exc}); inside {{...}} and [...] write '
+                                  "'key: value' with a space after each colon, and quote the whole override "
+                                  'for the shell') from None
+        raise
 
 
 def load_structured(schema: type, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Any:

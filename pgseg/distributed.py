@@ -12,6 +12,7 @@ from .cpu_allocator import configure_cpu_memory
 
 __all__ = ['init_distributed', 'is_distributed', 'get_rank', 'get_world_size', 'is_main_process',
            'all_gather_with_grad', 'broadcast_flag', 'all_ranks_true', 'all_ranks_true_tensor', 'all_reduce_mean',
+           'all_reduce_sum',
            'barrier']
 
 
@@ -130,6 +131,18 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     y = x.clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / get_world_size()
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks, on ``x``'s device (a new tensor; ``x`` is left untouched). The reduction itself runs
+    where the backend can take it: NCCL only reduces CUDA tensors, so a CPU tensor (a confusion matrix, a count)
+    travels to this rank's GPU and back."""
+    if get_world_size() == 1:
+        return x.clone()
+    y = x.to(_flag_device(), copy=True)
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y.to(x.device)
 
 
 def barrier() -> None:

@@ -34,11 +34,16 @@ class StepResult:
 
 
 def autocast_for(device: torch.device, precision: str):
+    """The autocast context of a resolved precision (``fp32``, ``bf16``, ``fp16``; ``auto`` is resolved once, before
+    the steps, by :func:`pgseg.precision.resolve_precision`)."""
     if precision == 'fp32':
         return contextlib.nullcontext()
+    if precision not in ('bf16', 'fp16'):
+        raise ValueError(f'precision {precision!r}: expected fp32, bf16 or fp16 (resolve auto first: '
+                         'pgseg.precision.resolve_precision)')
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[precision]
     if dtype == torch.float16 and device.type != 'cuda':
-        raise ValueError('train.precision=fp16 needs a GPU; use bf16 on the CPU')
+        raise ValueError('train.precision=fp16 needs a GPU; use auto on the CPU (bf16 where native, else fp32)')
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

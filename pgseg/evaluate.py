@@ -16,17 +16,17 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_model
-from .distributed import get_rank, get_world_size, init_distributed, is_main_process, run_command
+from .distributed import all_reduce_sum, get_rank, get_world_size, init_distributed, is_main_process, run_command
 from .eval.datasets import DATASETS, LayoutError, SegmentationDataset, build_dataset
 from .eval.inference import predict_labels, preprocess_image
 from .eval.metrics import confusion_matrix, format_table, segmentation_metrics
 from .eval.protocols import PROTOCOLS, Protocol, get_protocol
 from .eval.visualize import group_map_grid, label_image
+from .precision import bf16_flag_dtype
 from .prompts import get_templates
 
 log = logging.getLogger('pgseg.eval')
@@ -70,8 +70,7 @@ def evaluate_segmentation(model, dataset: SegmentationDataset, protocol: Protoco
         conf += confusion_matrix(pred.cpu(), label, dataset.num_classes)
         if len(visuals) < num_visuals:
             visuals.append((image, pred.cpu().numpy(), label))
-    if get_world_size() > 1:
-        dist.all_reduce(conf)
+    conf = all_reduce_sum(conf)  # the CPU matrix crosses to the GPU for NCCL
     metrics = segmentation_metrics(conf, dataset.classes)
     metrics.update(dataset=dataset.spec.name, split=dataset.split, num_images=len(dataset.ids[:limit]),
                    protocol=protocol.describe(), background=bg_value, background_constant=constant)
@@ -177,8 +176,7 @@ def evaluate_imagenet(model, source: str, device='cpu', batch_size: int = 64, te
         if len(batch) == batch_size:
             flush()
     flush()
-    if get_world_size() > 1:
-        dist.all_reduce(counts)
+    counts = all_reduce_sum(counts)
     n = int(counts[0])
     return {'dataset': 'imagenet', 'num_images': n, 'top1': 100 * float(counts[1]) / max(n, 1),
             'top5': 100 * float(counts[2]) / max(n, 1), 'templates': templates}
@@ -223,9 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--background-words', default=None,
                         help='comma-separated prompts that stand for background ("grass,sky,wall"): they compete with '
                         'the classes and a pixel won by one is background (datasets with a background class only)')
-    parser.add_argument('--short-side', type=int, default=None, help="resize short side (default: the protocol's)")
-    parser.add_argument('--crop-size', type=int, default=None, help="sliding-window size (default: the protocol's)")
-    parser.add_argument('--stride', type=int, default=None, help="sliding-window stride (default: the protocol's)")
+    parser.add_argument('--short-side', type=int, default=None,
+                        help="resize short side (default: the protocol's; with --prompts, the prompts file's)")
+    parser.add_argument('--crop-size', type=int, default=None,
+                        help="sliding-window size (default: the protocol's; with --prompts, the prompts file's)")
+    parser.add_argument('--stride', type=int, default=None,
+                        help="sliding-window stride (default: the protocol's; with --prompts, the prompts file's)")
     parser.add_argument('--imagenet', default=None, help='ImageNet val: ImageFolder tree or shard pattern')
     parser.add_argument('--limit', type=int, default=None, help='evaluate only the first N images')
     parser.add_argument('--bf16', action='store_true', help='bf16 autocast (faster; numbers may move slightly)')
@@ -237,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dataset and not args.imagenet:
         parser.error('give at least one --dataset or --imagenet')
     if args.prompts:
+        # options of the checkpoint evaluation that prompts evaluation has no use for: an error, not silently ignored
+        unused = [f'--{name.replace("_", "-")}' for name in ('protocol', 'templates', 'bg_thresh', 'background_words',
+                                                            'imagenet', 'wandb')
+                  if getattr(args, name) != parser.get_default(name)]
+        if unused:
+            parser.error(f'{", ".join(unused)}: not used with --prompts (the prompts file fixes the classifier; '
+                         'pixels are scored over seen and unseen classes, without a background rule)')
         return _main_prompts(args)
     if not args.checkpoint:
         parser.error('--checkpoint is required (or --prompts)')
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol = get_protocol(args.protocol, templates=args.templates, short_side=args.short_side,
                                 crop_size=args.crop_size, stride=args.stride,
                                 background_words=_split_words(args.background_words))
-        dtype = torch.bfloat16 if args.bf16 else None
+        dtype = bf16_flag_dtype(args.bf16, device)
         results = {'checkpoint': args.checkpoint, 'protocol': protocol.describe(), 'results': []}
         os.makedirs(args.out, exist_ok=True)
         for name in args.dataset:
@@ -297,9 +305,9 @@ def _main_prompts(args) -> int:
             backbone = GroupSegDenseBackbone(load_model(args.checkpoint))
         learner, backbone, meta = load_prompts(args.prompts, backbone)
         backbone, learner = backbone.to(device), learner.to(device).eval()
-        settings = SlideSettings(short_side=args.short_side or 512, crop_size=args.crop_size or 512,
-                                 stride=args.stride or 341)
+        settings = SlideSettings.from_prompts(meta, args.short_side, args.crop_size, args.stride)
         results = {'prompts': args.prompts, 'settings': vars(settings), 'results': []}
+        dtype = bf16_flag_dtype(args.bf16, device)
         os.makedirs(args.out, exist_ok=True)
         for name in args.dataset:
             ds = build_dataset(name, args.data_root, args.split)
@@ -308,8 +316,7 @@ def _main_prompts(args) -> int:
             else:
                 names = args.unseen.split(',') if args.unseen else meta.get('unseen', [])
                 _, unseen = resolve_split('custom', list(ds.classes), [n.strip() for n in names])
-            m = evaluate_seen_unseen(backbone, learner, ds, unseen, settings, device,
-                                     torch.bfloat16 if args.bf16 else None, args.limit)
+            m = evaluate_seen_unseen(backbone, learner, ds, unseen, settings, device, dtype, args.limit)
             if is_main_process():
                 print('\n' + format_table(m, f'{name} ({m["num_images"]} images), learned prompts {args.prompts}'))
                 print(f"{'mIoU(S)':<24}{m['miou_seen']:>8.2f}\n{'mIoU(U)':<24}{m['miou_unseen']:>8.2f}\n"

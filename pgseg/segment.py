@@ -27,6 +27,7 @@ from .data.synthetic_writers import voc_palette
 from .data.transforms import to_rgb
 from .eval.inference import predict_labels
 from .eval.protocols import Protocol, get_protocol
+from .precision import bf16_flag_dtype
 from .prompts import get_templates
 
 __all__ = ['Segmenter', 'PromptSegmenter', 'SegmentationResult', 'load_any_image', 'main']
@@ -131,10 +132,7 @@ class PromptSegmenter:
         self.device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
         learner, backbone, meta = load_prompts(prompts, backbone)
         self.backbone, self.learner = backbone.to(self.device), learner.to(self.device).eval()
-        slide = meta.get('slide', {})
-        self.settings = SlideSettings(short_side=short_side or slide.get('short_side', 512),
-                                      crop_size=crop_size or slide.get('crop_size', 512),
-                                      stride=stride or slide.get('stride', 341))
+        self.settings = SlideSettings.from_prompts(meta, short_side, crop_size, stride)
         self.class_names, self.autocast_dtype = names, autocast_dtype
         with torch.no_grad():
             self.text = self.learner.class_embeddings(self.backbone, names)
@@ -173,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.checkpoint and not args.prompts:
         parser.error('give --checkpoint (zero-shot rule) or --prompts (learned MVP-SEG prompts)')
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    dtype = torch.bfloat16 if args.bf16 else None
+    dtype = bf16_flag_dtype(args.bf16, device)
     try:
         if args.prompts:
             segmenter = PromptSegmenter(args.prompts, args.classes.split(','), args.checkpoint, device, dtype)

@@ -50,6 +50,7 @@ from .eval.visualize import group_map_grid
 from .metrics import MetricsLogger
 from .models import build_model
 from .optim import build_optimizer, build_scheduler, scaled_lrs, shorten_schedule
+from .precision import resolve_precision
 from .prompts import get_templates
 
 log = logging.getLogger('pgseg.train')
@@ -121,13 +122,14 @@ def _stop_requested(state: RunState, cfg: TrainConfig, start: float, total_steps
 def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:
     device, local_rank = init_distributed()
     rank, world = get_rank(), get_world_size()
+    precision = resolve_precision(cfg.train.precision, device)  # 'auto' -> bf16 where native (pgseg.precision)
     run_dir = os.path.abspath(cfg.train.output_dir)
     os.makedirs(run_dir, exist_ok=True)
     if is_main_process():
         with open(os.path.join(run_dir, 'config.yaml'), 'w') as f:
             f.write(config_to_yaml(cfg))
         with open(os.path.join(run_dir, 'env.json'), 'w') as f:
-            json.dump(environment_info(world), f, indent=1)
+            json.dump({**environment_info(world), 'precision': precision}, f, indent=1)
     torch.manual_seed(cfg.train.seed + rank)
 
     if cfg.train.fit_schedule_to_time_limit and cfg.train.time_limit_minutes is None:
@@ -167,7 +169,7 @@ def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:
     optimizer = build_optimizer(model, cfg.optim, lr)
     scheduler = build_scheduler(optimizer, total_steps, cfg.train.warmup_epochs * steps_per_epoch, warmup_lr,
                                 min_lr, cfg.optim.warmup_prefix)
-    scaler = torch.amp.GradScaler('cuda') if cfg.train.precision == 'fp16' else None
+    scaler = torch.amp.GradScaler('cuda') if precision == 'fp16' else None
     state, position = RunState(), StreamPosition()
     resume = resolve_resume(cfg.checkpoint.resume, run_dir)
     if resume:
@@ -205,13 +207,13 @@ def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:
     log.info('%d steps (%d per epoch), global batch %d, %d parameters, device %s, world %d', total_steps,
              steps_per_epoch, global_batch, sum(p.numel() for p in model.parameters()), device, world)
     _loop(cfg, ddp, model, stream, loader, optimizer, scheduler, scaler, state, position, writer, logger, device,
-          total_steps, steps_per_epoch, eval_hook)
+          total_steps, steps_per_epoch, eval_hook, precision)
     logger.close()
     return state
 
 
 def _loop(cfg, ddp, model, stream, loader, optimizer, scheduler, scaler, state, position, writer, logger, device,
-          total_steps, steps_per_epoch, eval_hook):
+          total_steps, steps_per_epoch, eval_hook, precision):
     start, skip_base = time.time(), dict(state.skipped)
     bar = tqdm(total=total_steps, initial=state.step, disable=not is_main_process(), unit='step', dynamic_ncols=True)
     fixed_batch, micro, last_time, worker_skips, pending = None, [], time.time(), {}, []
@@ -233,7 +235,7 @@ def _loop(cfg, ddp, model, stream, loader, optimizer, scheduler, scaler, state, 
                 continue
             model.train()
             model.step = state.step  # the noun losses' start (model.noun_losses_start_step)
-            result = train_step(ddp, micro, optimizer, cfg.train.precision, cfg.optim.clip_grad, scaler)
+            result = train_step(ddp, micro, optimizer, precision, cfg.optim.clip_grad, scaler)
             micro = []
             pending.append(result.applied)  # read at log / checkpoint time: no host sync per step
             state.step += 1

@@ -8,12 +8,14 @@
     python scripts/benchmark.py all                       # the four, in that order
 
 ``peak``: large square matrix products (best of the sizes tried) and a large tensor copy (bytes read + written).
+The ceiling is bf16's where the device has native bf16 and fp32's where bf16 is emulated (an AVX2 CPU, where a bf16
+product runs at about 1 GFLOP/s: measured at 512 only, and left out of ``train`` unless ``--precisions`` names it).
 ``train``: forward with every loss, backward and AdamW, each precision in a fresh process (its own peak memory):
 median step time, images/s, peak memory, FLOPs per step counted from the operators' shapes
 (``torch.utils.flop_counter``: matrix products, convolutions, attention; forward and backward), achieved FLOP/s and
-its fraction of the bf16 matmul ceiling measured in the same run (before and after the steps; the higher one) and
-of a bf16 matmul probed right after each timed step (the median of the steps' fractions: the machine's drift
-cancels), after warming up until a step no longer grows the heap (``--warmup-extra``); NPR's
+its fraction of the matmul ceiling measured in the same run (before and after the steps; the higher one) and
+of a matmul in the ceiling's precision probed right after each timed step (the median of the steps' fractions:
+the machine's drift cancels), after warming up until a step no longer grows the heap (``--warmup-extra``); NPR's
 share of the step (the median of paired differences between the step with and without NPR, adjacent, same process:
 EM, matching, HRS and the prototype losses), EM's forward time alone, and the share spent in the losses' all-gathers
 (``--nproc 2`` runs the step under torchrun with gloo to measure it). ``--malloc system`` runs every mode with
@@ -77,21 +79,32 @@ def machine_info(device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- peak
+def ceiling_precision(device: torch.device) -> str:
+    """The precision whose matmul rate is the machine's ceiling: bf16 where it is native, fp32 where bf16 is
+    emulated (an AVX2 CPU: 1 GFLOP/s in bf16 against 88 in fp32; pgseg.precision)."""
+    from pgseg.precision import native_bf16
+    return 'bf16' if native_bf16(device) else 'fp32'
+
+
 def _ceiling_probe(device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of a bf16 n x n matmul now (median of ``reps``): the ceiling beside a training step, which the
-    machine's drift would otherwise separate from the one measured before all of them. On the CPU 2048, the best
-    size of ``peak`` on the development machines; 8192 on a GPU."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    """GFLOP/s of an n x n matmul in the ceiling's precision now (median of ``reps``): the ceiling beside a training
+    step, which the machine's drift would otherwise separate from the one measured before all of them. On the CPU
+    2048, the best size of ``peak`` on the development machines; 8192 on a GPU."""
+    dtype = {'bf16': torch.bfloat16, 'fp32': torch.float32}[ceiling_precision(device)]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n ** 3 / _timed(lambda: a @ b, device, reps) / 1e9
 
 
 def measure_peak(device: torch.device, reps: int = 5) -> dict:
+    """The best matmul rate in fp32 and bf16 over the sizes tried, and the copy bandwidth. An emulated bf16 (no
+    native kernels) is measured at 512 only: a 4096 product would take minutes there."""
     sizes = [8192] if device.type == 'cuda' else [1024, 2048, 4096]
-    out = {'matmul_gflops': {}, 'matmul_by_size': {}}
+    kind = ceiling_precision(device)
+    out = {'matmul_gflops': {}, 'matmul_by_size': {}, 'ceiling_precision': kind, 'bf16_native': kind == 'bf16'}
     for name, dtype in (('fp32', torch.float32), ('bf16', torch.bfloat16)):
         best = 0.0
-        for n in sizes:
+        for n in (sizes if name == 'fp32' or out['bf16_native'] else [512]):
             a = torch.randn(n, n, device=device, dtype=dtype)
             b = torch.randn(n, n, device=device, dtype=dtype)
             s = _timed(lambda a=a, b=b: a @ b, device, reps)
@@ -104,6 +117,7 @@ def measure_peak(device: torch.device, reps: int = 5) -> dict:
     dst = torch.empty_like(src)
     s = _timed(lambda: dst.copy_(src), device, reps)
     out['copy_gbytes_per_s'] = 2 * src.numel() * 4 / s / 1e9  # read + write
+    out['ceiling_gflops'] = out['matmul_gflops'][kind]
     return out
 
 
@@ -112,7 +126,9 @@ def mode_peak(args) -> dict:
     r = measure_peak(device)
     print(f"\npeak ({machine_info(device)['device']}, {torch.get_num_threads()} threads)\n")
     print(f"{'matmul fp32':<22}{r['matmul_gflops']['fp32']:>10.1f} GFLOP/s")
-    print(f"{'matmul bf16':<22}{r['matmul_gflops']['bf16']:>10.1f} GFLOP/s")
+    print(f"{'matmul bf16':<22}{r['matmul_gflops']['bf16']:>10.1f} GFLOP/s"
+          + ('' if r['bf16_native'] else '  (no native bf16 on this device: emulated, measured at 512 only; the '
+                                         'ceiling is fp32\'s)'))
     print(f"{'copy (read + write)':<22}{r['copy_gbytes_per_s']:>10.1f} GB/s")
     print('by size: ' + ', '.join(f'{k} {v:.0f}' for k, v in r['matmul_by_size'].items()))
     return {'mode': 'peak', **machine_info(device), **r}
@@ -279,9 +295,16 @@ def measure_train_step(args) -> dict:
 def mode_train(args, peak: dict | None = None) -> dict:
     device = torch.device(args.device)
     peak = peak or measure_peak(device)
+    precisions = args.precisions
+    if precisions is None:  # bf16 only where it is native: emulated, one step of the paper model takes half an hour
+        precisions = ['fp32', 'bf16'] if peak['bf16_native'] else ['fp32']
+        if not peak['bf16_native']:
+            print(f"train: bf16 left out: no native bf16 on {device.type} (bf16 matmul "
+                  f"{peak['matmul_gflops']['bf16']:.1f} GFLOP/s against {peak['matmul_gflops']['fp32']:.0f} in fp32); "
+                  f"--precisions fp32 bf16 runs it anyway")
     results = []
     compiled = {'off': (False,), 'on': (True,), 'both': (False, True)}[args.compile]
-    for precision, compile_ in ((p, c) for p in args.precisions for c in compiled):
+    for precision, compile_ in ((p, c) for p in precisions for c in compiled):
         cmd = [__file__, '_step', '--config', args.config, '--batch', str(args.batch), '--steps', str(args.steps),
                '--warmup', str(args.warmup), '--warmup-extra', str(args.warmup_extra), '--precision', precision,
                '--device', args.device, '--malloc', args.malloc]
@@ -299,7 +322,8 @@ def mode_train(args, peak: dict | None = None) -> dict:
         results.append(rows[-1])
     # the ceiling again after the steps (shared machines drift): fractions are taken against the higher one
     after = measure_peak(device)
-    ceiling = max(peak['matmul_gflops']['bf16'], after['matmul_gflops']['bf16'])
+    kind = peak['ceiling_precision']  # bf16, or fp32 where bf16 is emulated
+    ceiling = max(peak['ceiling_gflops'], after['ceiling_gflops'])
     first = results[0]
     print(f"\ntrain: {os.path.basename(args.config)}, {first['params']:,} parameters, batch {args.batch} per process x "
           f"{first['world_size']}, NPR {first['npr_variant']}, activation checkpointing "
@@ -308,10 +332,11 @@ def mode_train(args, peak: dict | None = None) -> dict:
           f"torch {torch.__version__}\n"
           f"captions of {first['text_tokens']} tokens ({'full context' if args.full_context else 'padding trimmed'})")
     print(f"ceilings measured in this run, before / after the steps: matmul bf16 {peak['matmul_gflops']['bf16']:.0f} / "
-          f"{after['matmul_gflops']['bf16']:.0f} GFLOP/s (fractions of {ceiling:.0f}), fp32 "
-          f"{peak['matmul_gflops']['fp32']:.0f} / {after['matmul_gflops']['fp32']:.0f} GFLOP/s; "
+          f"{after['matmul_gflops']['bf16']:.0f} GFLOP/s{'' if kind == 'bf16' else ' (emulated)'}, fp32 "
+          f"{peak['matmul_gflops']['fp32']:.0f} / {after['matmul_gflops']['fp32']:.0f} GFLOP/s; fractions of the "
+          f"{kind} ceiling, {ceiling:.0f}; "
           f"{first['flops_per_step'] / 1e9:.1f} GFLOP per step; CPU malloc: {args.malloc}\n")
-    head = (f"{'precision':<14}{'step s':>8}{'img/s':>8}{'GFLOP/s':>9}{'of bf16':>9}{'NPR':>7}{'EM fwd':>8}"
+    head = (f"{'precision':<14}{'step s':>8}{'img/s':>8}{'GFLOP/s':>9}{'of ' + kind:>9}{'NPR':>7}{'EM fwd':>8}"
             f"{'gather':>8}{'peak MB':>9}")
     print(head)
     print('-' * len(head))
@@ -319,9 +344,9 @@ def mode_train(args, peak: dict | None = None) -> dict:
         return '-' if x is None else f'{100 * x:.1f}%'
 
     for r in results:
-        r['fraction_of_bf16_peak'] = r['achieved_gflops'] / ceiling
+        r['fraction_of_ceiling'], r['ceiling_precision'] = r['achieved_gflops'] / ceiling, kind
         print(f"{_label(r):<14}{r['step_s_median']:>8.3f}{r['images_per_s']:>8.2f}{r['achieved_gflops']:>9.1f}"
-              f"{100 * r['fraction_of_bf16_peak']:>8.1f}%{share(r['npr_share']):>7}{share(r['em_forward_share']):>8}"
+              f"{100 * r['fraction_of_ceiling']:>8.1f}%{share(r['npr_share']):>7}{share(r['em_forward_share']):>8}"
               f"{share(r['gather_share']):>8}{r['peak_memory_mb']:>9.0f}")
     by = {(r['precision'], r['compile']): r for r in results}
     speedup = None
@@ -331,20 +356,21 @@ def mode_train(args, peak: dict | None = None) -> dict:
             speedup = speedup or ratio  # the JSON's bf16_speedup: eager where eager ran
             print(f"\nbf16 / fp32 speed-up{' (compiled)' if c else ''}: {ratio:.2f}x")
     compile_speedups = {p: by[(p, False)]['step_s_median'] / by[(p, True)]['step_s_median']
-                        for p in args.precisions if (p, False) in by and (p, True) in by}
+                        for p in precisions if (p, False) in by and (p, True) in by}
     for p, ratio in compile_speedups.items():
         print(f"torch.compile, {p}: {ratio:.2f}x eager (compilation and first step: "
               f"{by[(p, True)]['warmup_step_s'][0]:.0f} s, against {by[(p, False)]['warmup_step_s'][0]:.0f} s eager)")
     if args.compile != 'off':
         print('  (compiled steps are timed whole: NPR, EM and gather shares are measured eager only)')
-    print('of the ceiling probed beside each step (a bf16 matmul right after it; the median of the steps\' '
+    print(f'of the ceiling probed beside each step (a {kind} matmul right after it; the median of the steps\' '
           'fractions): ' +
           ', '.join(f"{_label(r)} {100 * r['fraction_of_ceiling_beside']:.1f}% (probes "
                     f"{min(r['ceiling_beside_steps_gflops']):.0f}-{max(r['ceiling_beside_steps_gflops']):.0f} GFLOP/s)"
                     for r in results))
     print('warm-up: ' + ', '.join(f"{_label(r)} {r['warmup_steps']} steps (page faults per step: "
                                   f"{' '.join(map(str, r['warmup_page_faults']))})" for r in results))
-    return {'mode': 'train', **machine_info(device), 'peak': peak, 'peak_after': after, 'bf16_ceiling': ceiling,
+    return {'mode': 'train', **machine_info(device), 'peak': peak, 'peak_after': after,
+            'ceiling_precision': kind, 'ceiling_gflops': ceiling,
             'malloc': args.malloc, 'config': args.config, 'results': results,
             'bf16_speedup': speedup, 'compile_speedups': compile_speedups}
 
@@ -380,7 +406,9 @@ def mode_eval(args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = pgseg.build_model(pgseg.load_config(args.config).model).to(device).eval()
-    dtype = torch.bfloat16 if args.precision == 'bf16' else None
+    from pgseg.precision import resolve_precision
+    precision = resolve_precision(args.precision, device, '--precision', gpu_fallback='fp32')
+    dtype = torch.bfloat16 if precision == 'bf16' else None
     protocol = get_protocol('pgseg')
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (375, 500, 3), dtype=np.uint8) for _ in range(args.images)]
@@ -411,7 +439,7 @@ def mode_eval(args) -> dict:
     results = {name: {'seconds': s, 'images_per_s': len(images) / s, 'crops_per_s': len(images) * crops_per_image / s}
                for name, s in seconds.items()}
     print(f"\neval: {os.path.basename(args.config)}, protocol {protocol.describe()}, {len(images)} images of 500x375 "
-          f"({crops_per_image} crops each at short side {protocol.short_side}), {args.precision}\n")
+          f"({crops_per_image} crops each at short side {protocol.short_side}), {precision}\n")
     print(f"{'':<12}{'crops/s':>10}{'images/s':>10}")
     for name, r in results.items():
         print(f"{name:<12}{r['crops_per_s']:>10.3f}{r['images_per_s']:>10.3f}")
@@ -419,7 +447,7 @@ def mode_eval(args) -> dict:
     if ratio:
         print(f'\none pass / two passes: {ratio:.2f}x')
     print(f'text embeddings, {len(COCO_STUFF)} classes x {len(templates)} templates: {text_s:.2f} s')
-    return {'mode': 'eval', **machine_info(device), 'config': args.config, 'precision': args.precision,
+    return {'mode': 'eval', **machine_info(device), 'config': args.config, 'precision': precision,
             'protocol': protocol.describe(), 'num_images': len(images), 'crops_per_image': crops_per_image,
             'results': results, 'one_vs_two_pass': ratio, 'text_embedding_s': text_s,
             'text_prompts': len(COCO_STUFF) * len(templates)}
@@ -633,7 +661,8 @@ def main(argv=None) -> int:
                            help='torch.compile the model (--compile: on), or time each precision eager and compiled '
                                 'side by side (both)')
         p.add_argument('--nproc', type=int, default=1, help='processes (torchrun, gloo on the CPU)')
-        p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
+        p.add_argument('--precisions', nargs='+', default=None, choices=['fp32', 'bf16'],
+                       help='default: fp32, and bf16 where the device has native bf16')
         p.add_argument('--attention', choices=['auto', 'math', 'fused'], default=None,
                        help="model.attention for the step (default: the config's, 'auto')")
         p.add_argument('--full-context', action='store_true',
@@ -642,7 +671,8 @@ def main(argv=None) -> int:
     step.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32')
     for p in (modes['eval'], modes['all']):
         p.add_argument('--images', type=int, default=10)
-        p.add_argument('--precision', choices=['fp32', 'bf16'], default='bf16')
+        p.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default='auto',
+                       help='auto: bf16 where native, else fp32 (pgseg.precision)')
         p.add_argument('--two-pass', choices=['compare', 'on', 'off'], default='compare',
                        help='also run the two-pass evaluation for the ratio (compare), or not (off)')
     modes['data'].add_argument('--images', type=int, default=96, help='images to time (synthetic, or the first of '

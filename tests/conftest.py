@@ -9,6 +9,8 @@ import torch
 
 import pgseg
 from pgseg.config import ModelConfig
+from pgseg.data.synthetic import SceneConfig
+from pgseg.data.synthetic_writers import write_caption_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, 'configs', 'tiny_test.yaml')
@@ -36,3 +38,11 @@ def tiny_batch(batch: int = 4, size: int = 32, seed: int = 0):
 @pytest.fixture
 def tiny_cfg():
     return tiny_model_config()
+
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+    """A webdataset pattern over 4 tiny caption shards of 8 synthetic 32-pixel scenes each (one set per module)."""
+    folder = tmp_path_factory.mktemp('shards')
+    write_caption_shards(str(folder), 32, seed=0, samples_per_shard=8, scene=SceneConfig(size=32), progress=False)
+    return str(folder / '{00000..00003}.tar')

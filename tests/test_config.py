@@ -22,6 +22,8 @@ def test_overrides_apply_with_types():
     ('train.precision=fp8', 'train.precision'),  # not one of the choices
     ('model.npr.variant=both', 'model.npr.variant'),
     ('no_equals_sign', 'key=value'),
+    ("data.sources=[{name:synthetic,pattern:'d/{00000..00007}.tar'}]",  # YAML needs 'key: value' there
+     r'data\.sources is not valid YAML.*space after each colon'),
 ])
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

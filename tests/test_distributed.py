@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pgseg.distributed import all_gather_with_grad, all_reduce_mean, get_rank, get_world_size
+from pgseg.distributed import all_gather_with_grad, all_reduce_mean, all_reduce_sum, get_rank, get_world_size
 from pgseg.losses import contrastive_loss, multi_label_contrastive_loss
 from pgseg.models.npr import momentum_step
 
@@ -45,6 +45,11 @@ def _worker(rank: int, init_file: str, expected):
         torch.testing.assert_close(img.grad / WORLD, g_img[rows], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(txt.grad / WORLD, g_txt[rows], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(prompts.grad / WORLD, g_prompts[rows], atol=1e-6, rtol=1e-5)
+        # a confusion matrix: summed exactly, on the caller's device, the caller's tensor untouched
+        conf = torch.full((3, 3), rank + 1, dtype=torch.int64)
+        summed = all_reduce_sum(conf)
+        assert summed.dtype == torch.int64 and summed.device == conf.device and summed.tolist() == [[3] * 3] * 3
+        assert conf.tolist() == [[rank + 1] * 3] * 3
         gathered = all_gather_with_grad(torch.full((2,), float(rank)))
         assert gathered.tolist() == [0.0, 0.0, 1.0, 1.0]
         # prototype momentum follows the mean over the *global* batch: every rank ends with the same buffer
@@ -66,3 +71,5 @@ def test_helpers_answer_for_one_process():
     x = torch.randn(3, requires_grad=True)
     assert all_gather_with_grad(x) is x
     torch.testing.assert_close(all_reduce_mean(x.detach()), x.detach())
+    counts = torch.tensor([4, 2, 1])
+    assert all_reduce_sum(counts).tolist() == [4, 2, 1] and all_reduce_sum(counts) is not counts

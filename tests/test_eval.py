@@ -147,11 +147,54 @@ def test_two_process_evaluation_equals_one(synthetic_root, tmp_path):
     mp.spawn(_eval_worker, args=(str(tmp_path / 'init'), synthetic_root, expected), nprocs=2, join=True)
 
 
+def test_evaluation_reduces_on_the_device_the_backend_takes(synthetic_root, monkeypatch):
+    # NCCL reduces CUDA tensors only: the CPU confusion matrix must travel to the device the backend names (tested
+    # here by standing in for the group: two "ranks" whose all-reduce doubles, and a recorded device choice)
+    import pgseg.distributed as distributed
+    torch.manual_seed(0)
+    model = pgseg.build_model(tiny_model_config()).eval()
+    dataset, protocol = build_dataset('voc', synthetic_root), get_protocol('pgseg', **SMALL)
+    alone = evaluate_segmentation(model, dataset, protocol, progress=False, limit=2)
+    asked, reduced = [], []
+
+    def backend_device():
+        asked.append(True)
+        return torch.device('cpu')
+
+    def fake_all_reduce(t, op=None):
+        reduced.append(t.device)
+        t.mul_(2)
+    monkeypatch.setattr(distributed, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(distributed, '_flag_device', backend_device)
+    monkeypatch.setattr(distributed.dist, 'all_reduce', fake_all_reduce)
+    summed = evaluate_segmentation(model, dataset, protocol, progress=False, limit=2)
+    assert asked == [True] and reduced == [torch.device('cpu')]
+    assert summed['num_pixels'] == 2 * alone['num_pixels']
+
+
 def test_coco_object_lookup_matches_the_official_mapping():
     lut = coco_stuff_to_object_lut()
     assert lut[0] == 1 and lut[89] == 80 and lut[10] == 11 and lut[12] == 12  # ids 11 and 90 are unused
     assert lut[91] == 0 and lut[181] == 0 and lut[255] == 0  # stuff and unlabeled are background
     assert sorted(set(lut.tolist())) == list(range(81))
+
+
+def test_coco_object_conversion_from_stuff_labels(tmp_path):
+    from pgseg.eval.prepare import convert_coco_object_from_stuff
+    coco = tmp_path / 'coco'
+    os.makedirs(coco / 'annotations/val2017')
+    os.makedirs(coco / 'images/val2017')
+    stuff = np.array([[0, 89], [91, 255]], np.uint8)  # person, toothbrush, a stuff class, unlabeled
+    Image.fromarray(stuff).save(coco / 'annotations/val2017/000000000139.png')
+    Image.fromarray(stuff).save(coco / 'annotations/val2017/000000000139_labelTrainIds.png')  # mmseg's, not a source
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(coco / 'images/val2017/000000000139.jpg')
+    out = tmp_path / 'out'
+    for _ in range(2):  # a second run converts the same one file again
+        assert convert_coco_object_from_stuff(str(coco), str(out)) == 1
+    assert sorted(os.listdir(out / 'annotations/val2017')) == ['000000000139_instanceTrainIds.png']
+    labels = np.asarray(Image.open(out / 'annotations/val2017/000000000139_instanceTrainIds.png'))
+    assert labels.tolist() == [[1, 80], [0, 0]]
+    assert os.path.isfile(out / 'images/val2017/000000000139.jpg')
 
 
 def test_cityscapes_train_ids(tmp_path):

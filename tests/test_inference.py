@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 import pgseg
 from pgseg.eval.inference import crop_logits, group_class_affinity, window_slices
-from tests.conftest import tiny_model_config
+from tests.conftest import ROOT, tiny_model_config
 
 
 def test_window_slices_match_mmseg():
@@ -58,3 +59,41 @@ def test_channel_argmax_equals_argmax_including_ties():
     x[1, :, 3, 3] = 0.0  # all equal
     assert torch.equal(channel_argmax(x), x.argmax(dim=1))
     assert channel_argmax(x)[0, 1, 1] == 2 and channel_argmax(x)[1, 3, 3] == 0
+
+
+def test_parity_ties_recovers_the_winners_behind_a_pixel():
+    """scripts/parity_ties.py infers which group won each window at a pixel from the pixel's averaged scores: from
+    our own slide scores it recovers our winners, and from scores built with a runner-up it names that runner-up."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('parity_ties', os.path.join(ROOT, 'scripts', 'parity_ties.py'))
+    ties = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ties)
+    torch.manual_seed(0)
+    model = pgseg.build_model(tiny_model_config()).eval()
+    classes = model.class_embeddings(['cat', 'dog', 'sky'])
+    # an image with a pixel covered by both windows (cols 0-32 and 16-48) whose right-window scores differ from those
+    # 16 columns on, so that a wrong window offset shows
+    for seed in range(50):
+        image = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(seed))
+        right = crop_logits(model, image[..., 16:48], classes, bg_thresh=0.9)[0]
+        differs = ((right[:, :, :16] - right[:, :, 16:]).abs().amax(dim=0) > 1e-3).nonzero()  # [n, 2]
+        if len(differs):
+            break
+    assert len(differs), 'no image among 50 seeds with distinct scores across the overlap'
+    pixel = (int(differs[0, 0]), int(differs[0, 1]) + 16)
+    slide = pgseg.slide_logits(model, image, classes, bg_thresh=0.9, crop_size=32, stride=16)
+    models = {'float32': (model, torch.float32)}
+    report = ties.explain_pixel(models, image, classes, 0.9, pixel, slide[0, :, pixel[0], pixel[1]], crop_size=32,
+                                stride=16)
+    leaders = [lead['float32'] for _, lead in report['windows']]
+    assert [w for w, _ in report['windows']] == [((0, 32), (0, 32)), ((0, 32), (16, 48))]
+    assert report['fixture_winners'] == [g1 for g1, _, _ in leaders] and report['fixture_fit'] < 1e-6
+    assert all(gap >= 0 for _, _, gap in leaders)
+    # a fixture whose first window chose its runner-up
+    cands = [ties.window_candidates(model, image, classes, 0.9, w, pixel) for w, _ in report['windows']]
+    for ((y0, y1), (x0, x1)), c in zip([w for w, _ in report['windows']], cands):  # the leader's scores: the crop's
+        crop = crop_logits(model, image[..., y0:y1, x0:x1], classes, bg_thresh=0.9)[0, :, pixel[0] - y0, pixel[1] - x0]
+        torch.testing.assert_close(c[0][2].float(), crop)
+    flipped = (cands[0][1][2] + cands[1][0][2]) / 2
+    report = ties.explain_pixel(models, image, classes, 0.9, pixel, flipped, crop_size=32, stride=16)
+    assert report['fixture_winners'] == [leaders[0][1], leaders[1][0]]

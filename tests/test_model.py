@@ -34,6 +34,20 @@ def test_shapes_and_maps(arch, variant):
     assert text.shape == (2, cfg.output_dim)
 
 
+def test_float64_model_keeps_float64_and_agrees_with_float32():
+    """A float64 model (the exact reference that ``scripts/parity_ties.py`` compares against) computes in float64
+    throughout: the assignment's softmax is never narrowed to float32."""
+    cfg = tiny_model_config('pgseg', 'paper')
+    model = pgseg.build_model(cfg).eval()
+    model64 = copy.deepcopy(model).double()
+    images = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        out, out64 = model.encode_image(images), model64.encode_image(images.double())
+    assert all(m.dtype == torch.float64 for m in out64.group_maps) and out64.group_embeds.dtype == torch.float64
+    for m, m64 in zip(out.group_maps, out64.group_maps):
+        torch.testing.assert_close(m.double(), m64, atol=1e-5, rtol=1e-4)
+
+
 def test_hard_assignment_is_one_hot_with_soft_gradient(tiny_cfg):
     model = pgseg.build_model(tiny_cfg).train()
     images, _ = tiny_batch()

@@ -247,10 +247,17 @@ def test_eval_and_segment_accept_prompts(synthetic_root, tmp_path):
         'eval.baseline=false', 'eval.short_side=32', 'eval.crop_size=32', 'eval.stride=16', 'eval.limit=1']))
     prompts = str(tmp_path / 'run' / 'prompts.pt')
     out = str(tmp_path / 'eval')
-    assert eval_main(['--prompts', prompts, '--dataset', 'voc20', '--data-root', synthetic_root, '--short-side',
-                      '32', '--crop-size', '32', '--stride', '16', '--out', out, '--visualize', '0']) == 0
-    r = json.load(open(os.path.join(out, 'results.json')))['results'][0]
+    # the windows default to the ones the prompts were trained and evaluated with (the file's meta), not 512/341
+    assert eval_main(['--prompts', prompts, '--dataset', 'voc20', '--data-root', synthetic_root, '--stride', '24',
+                      '--out', out, '--visualize', '0', '--limit', '2']) == 0
+    saved = json.load(open(os.path.join(out, 'results.json')))
+    assert {k: saved['settings'][k] for k in ('short_side', 'crop_size', 'stride')} == \
+        {'short_side': 32, 'crop_size': 32, 'stride': 24}
+    r = saved['results'][0]
     assert r['unseen_classes'] == ['circle'] and 'hiou' in r
+    # a checkpoint-evaluation option has no meaning here: an error that names it, not a silent no-op
+    with pytest.raises(SystemExit):
+        eval_main(['--prompts', prompts, '--dataset', 'voc20', '--data-root', synthetic_root, '--bg-thresh', '0.5'])
     image = os.path.join(synthetic_root, 'VOCdevkit', 'VOC2012', 'JPEGImages',
                          build_dataset('voc20', synthetic_root, 'val').ids[0] + '.jpg')
     seg_out = str(tmp_path / 'seg')
@@ -266,3 +273,39 @@ def test_every_mvpseg_config_loads():
     for name in configs:
         cfg = load_prompt_config(os.path.join(ROOT, 'configs', name))
         assert cfg.data.protocol in SPLITS or (cfg.data.protocol == 'custom' and cfg.data.unseen)
+        if cfg.backbone.kind == 'clip' and cfg.backbone.name == 'RN50':  # OpenAI's weights need their activation
+            assert cfg.backbone.quick_gelu is True, name
+
+
+def test_openai_torchscript_weights_load_and_tags_choose_quick_gelu(tmp_path, monkeypatch):
+    import open_clip
+
+    from pgseg.mvpseg.backbones import _load_clip
+    # OpenAI's release files are TorchScript archives, which torch.load(weights_only=True) refuses: the weights
+    # inside must arrive intact, with the QuickGELU activation those weights were trained with
+    torch.manual_seed(0)
+    source = open_clip.CLIP(**{**CLIP_CONFIGS['clip_rn'], 'quick_gelu': True}).eval()
+    image, text = torch.randn(1, 3, 64, 64), torch.randint(1, 100, (1, TEXT['context_length']))
+    path = str(tmp_path / 'RN.pt')
+    torch.jit.save(torch.jit.trace(source, (image, text), strict=False), path)
+    cfg = BackboneConfig(kind='clip', model_config=CLIP_CONFIGS['clip_rn'], pretrained=path, quick_gelu=True)
+    loaded = _load_clip(cfg).eval()
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode_text(text), source.encode_text(text))
+    # an open_clip tag whose weights need QuickGELU (OpenAI's) builds the model with it, without being told
+    built = {}
+
+    def fake_create(name, pretrained=None, force_quick_gelu=False):
+        built.update(name=name, quick_gelu=force_quick_gelu)
+        return open_clip.CLIP(**CLIP_CONFIGS['clip_rn'])
+    monkeypatch.setattr(open_clip, 'create_model', fake_create)
+    monkeypatch.setattr(open_clip, 'download_pretrained', lambda tag_cfg: path)
+    monkeypatch.setattr(open_clip, 'load_checkpoint', lambda model, p: None)
+    monkeypatch.setattr(open_clip, 'get_pretrained_cfg', lambda name, tag: {'quick_gelu': tag == 'openai'})
+    _load_clip(BackboneConfig(kind='clip', name='RN50', pretrained='openai'))
+    assert built == {'name': 'RN50', 'quick_gelu': True}
+    _load_clip(BackboneConfig(kind='clip', name='RN50', pretrained='yfcc15m'))
+    assert built['quick_gelu'] is False
+    _load_clip(BackboneConfig(kind='clip', name='RN50', pretrained='yfcc15m', quick_gelu=True))
+    assert built['quick_gelu'] is True

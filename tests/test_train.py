@@ -12,20 +12,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import pgseg
-from pgseg.data.synthetic import SceneConfig
-from pgseg.data.synthetic_writers import write_caption_shards
 from pgseg.engine import NonFiniteLossError, RunState, train_step
 from pgseg.optim import build_scheduler, param_groups
 from pgseg.train import main as train_main
 from pgseg.train import run
 from tests.conftest import TINY_CONFIG, tiny_batch, tiny_model_config
-
-
-@pytest.fixture(scope='module')
-def shards(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('shards')
-    write_caption_shards(str(folder), 32, seed=0, samples_per_shard=8, scene=SceneConfig(size=32), progress=False)
-    return str(folder / '{00000..00003}.tar')
 
 
 def _cfg(shards, out, **train):

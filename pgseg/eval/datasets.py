@@ -66,7 +66,7 @@ DATASETS: dict[str, DatasetSpec] = {
                           'annotations/{split}/{id}.png', None, reduce_zero_label=True, default_split='validation'),
 }
 
-# Official image counts per split (for scripts/check_datasets.py and the error messages).
+# Official image counts per split (the layout check in eval/prepare.py compares against them).
 OFFICIAL_COUNTS = {'voc': 1449, 'voc20': 1449, 'context': 5105, 'context59': 5105, 'coco_object': 5000,
                    'coco_stuff': 5000, 'cityscapes': 500, 'ade20k': 2000}
 

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from ..losses import clamp_logit_scale
 
-__all__ = ['window_slices', 'channel_argmax', 'group_class_affinity', 'crop_logits', 'slide_logits',
-           'rescale_image', 'preprocess_image', 'predict_labels', 'pamr']
+__all__ = ['window_slices', 'slide_windows', 'channel_argmax', 'group_class_affinity', 'crop_assignment',
+           'background_threshold', 'crop_logits', 'slide_logits', 'rescale_image', 'preprocess_image',
+           'predict_labels', 'pamr']
 
 
 def window_slices(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
@@ -20,6 +21,11 @@ def window_slices(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
         end = min(i * stride + crop, size)
         out.append((max(end - crop, 0), end))
     return out
+
+
+def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The windows ((y0, y1), (x0, x1)) of mmseg's slide inference, row by row."""
+    return [(ys, xs) for ys in window_slices(height, crop, stride) for xs in window_slices(width, crop, stride)]
 
 
 def channel_argmax(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +61,25 @@ def group_class_affinity(group_embeds: torch.Tensor, image_embeds: torch.Tensor,
 
 
 @torch.no_grad()
+def crop_assignment(model, crops: torch.Tensor, class_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One encoder pass over same-sized crops [B, 3, h, w] -> (the final groups' soft assignment composed over stages
+    and upsampled bilinearly to the crop [B, G, h, w], the group-class affinity [B, G, K] in float32)."""
+    out = model.encode_image(crops)
+    B, _, h, w = crops.shape
+    gh, gw = out.grid
+    maps = out.group_maps[-1].transpose(1, 2).reshape(B, -1, gh, gw)  # [B, G, gh, gw]
+    maps = maps.to(torch.promote_types(maps.dtype, torch.float32))  # float32 (float64 for a float64 model)
+    upsampled = F.interpolate(maps, size=(h, w), mode='bilinear', align_corners=False)
+    affinity = group_class_affinity(out.group_embeds, out.image_embeds, class_embeds, model.logit_scale)  # [B,G,K]
+    return upsampled, affinity
+
+
+def background_threshold(affinity: torch.Tensor, bg_thresh: float) -> torch.Tensor:
+    """Per crop, min(bg_thresh, max affinity) [B]: a pixel whose best class scores below it is background."""
+    return affinity.flatten(1).amax(dim=1).clamp(max=bg_thresh)
+
+
+@torch.no_grad()
 def crop_logits(model, crops: torch.Tensor, class_embeds: torch.Tensor, bg_thresh: float = 0.95,
                 with_background: bool = True, bg_constant: bool = False) -> torch.Tensor:
     """Scores of same-sized crops [B, 3, h, w] -> [B, (1 +) K, h, w], one encoder pass.
@@ -63,12 +88,9 @@ def crop_logits(model, crops: torch.Tensor, class_embeds: torch.Tensor, bg_thres
     that group's class affinities. Background (channel 0) is 1 where the best class score is below
     min(bg_thresh, max affinity of the crop), else 0; with ``bg_constant`` it is the constant ``bg_thresh``.
     """
-    out = model.encode_image(crops)
+    upsampled, affinity = crop_assignment(model, crops, class_embeds)
     B, _, h, w = crops.shape
-    gh, gw = out.grid
-    maps = out.group_maps[-1].transpose(1, 2).reshape(B, -1, gh, gw).float()  # [B, G, gh, gw]
-    winner = channel_argmax(F.interpolate(maps, size=(h, w), mode='bilinear', align_corners=False))  # [B, h, w]
-    affinity = group_class_affinity(out.group_embeds, out.image_embeds, class_embeds, model.logit_scale)  # [B,G,K]
+    winner = channel_argmax(upsampled)  # [B, h, w]
     K = affinity.shape[-1]
     # per pixel, the affinity row of its winning group: one-hot [B, G, hw] x affinity [B, G, K] -> [B, K, h, w]
     # (exact: each sum has one nonzero term; written contiguously, unlike a gather with an expanded index)
@@ -78,8 +100,7 @@ def crop_logits(model, crops: torch.Tensor, class_embeds: torch.Tensor, bg_thres
         return fg
     if bg_constant:
         return torch.cat([torch.full_like(fg[:, :1], bg_thresh), fg], dim=1)
-    thresh = affinity.flatten(1).amax(dim=1).clamp(max=bg_thresh)  # [B]
-    bg = (fg.amax(dim=1) < thresh.view(B, 1, 1)).to(fg.dtype)
+    bg = (fg.amax(dim=1) < background_threshold(affinity, bg_thresh).view(B, 1, 1)).to(fg.dtype)
     return torch.cat([bg.unsqueeze(1), fg], dim=1)
 
 
@@ -95,7 +116,7 @@ def slide_logits(model, image: torch.Tensor, class_embeds: torch.Tensor, bg_thre
     if image.ndim != 4:
         raise ValueError(f'slide_logits expects images [B, 3, H, W], got shape {tuple(image.shape)}')
     B, _, H, W = image.shape
-    windows = [(ys, xs) for ys in window_slices(H, crop_size, stride) for xs in window_slices(W, crop_size, stride)]
+    windows = slide_windows(H, W, crop_size, stride)
     num_classes = class_embeds.shape[0] + int(with_background)
     class_embeds = class_embeds.to(image.device)
     preds = image.new_zeros(B, num_classes, H, W, dtype=torch.float32)

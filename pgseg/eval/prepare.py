@@ -37,7 +37,10 @@ def convert_coco_object_from_stuff(coco_root: str, out_root: str, splits=('val20
             raise LayoutError(f'{src} not found: expected the COCO-Stuff-164k label PNGs in annotations/{split}/')
         dst = os.path.join(out_root, 'annotations', split)
         os.makedirs(dst, exist_ok=True)
-        for name in tqdm(sorted(f for f in os.listdir(src) if f.endswith('.png')), desc=f'coco-object {split}'):
+        # the raw label maps are named by image id (000000000139.png); derived maps beside them (mmseg's
+        # *_labelTrainIds.png, this converter's own *_instanceTrainIds.png on a re-run) are not sources
+        names = sorted(f for f in os.listdir(src) if f.endswith('.png') and '_' not in f)
+        for name in tqdm(names, desc=f'coco-object {split}'):
             Image.fromarray(lut[np.asarray(Image.open(os.path.join(src, name)))]).save(
                 os.path.join(dst, name.replace('.png', '_instanceTrainIds.png')))
             n += 1

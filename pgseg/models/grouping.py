@@ -108,9 +108,10 @@ class AssignAttention(nn.Module):
         (temperature applied) keep theirs for the group-balance loss.
         """
         logits = (self.q_proj(groups) @ self.k_proj(x).transpose(1, 2)) * self.scale  # [B, S, N]
-        soft = logits.float().softmax(dim=1)
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64 for float64 inputs
+        soft = wide.softmax(dim=1)
         if self.training and self.gumbel:  # noise in float32: bf16 would truncate the Gumbel tail
-            noisy = ((logits.float() + gumbel_noise(logits.float())) / self.gumbel_tau).softmax(dim=1)
+            noisy = ((wide + gumbel_noise(wide)) / self.gumbel_tau).softmax(dim=1)
         else:
             noisy = soft
         attn = straight_through_hard(noisy, dim=1) if self.hard else noisy

@@ -95,7 +95,8 @@ class GroupSegModel(nn.Module):
 
     @property
     def step(self) -> int:
-        """The training step, set by the trainer before each one."""
+        """The training step, set by the trainer before each one (set it again after changing
+        ``cfg.noun_losses_start_step``: the noun losses' switch is computed here)."""
         return self._step
 
     @step.setter
@@ -173,9 +174,10 @@ class GroupSegModel(nn.Module):
 
     def compile_losses(self, **compile_kwargs) -> None:
         """``torch.compile`` the training losses' computation in place (``train.compile``); ``compile_kwargs`` go to
-        ``torch.compile`` (``backend``, ``mode``, ...). The attention kernel choice and the Hungarian matching's
-        host work stay outside the compiled graphs (the matching is one graph break at its start and one where the
-        loss needs its result). Only :meth:`compute_losses` / :meth:`forward` are affected; inference is eager."""
+        ``torch.compile`` (``backend``, ``mode``, ...). The attention kernel choice and the Hungarian matchings' host
+        work stay outside the compiled graphs (graph breaks where the image and the text matchings start and where
+        the losses need their results: a few graphs per step). Only :meth:`compute_losses` / :meth:`forward` are
+        affected; inference stays eager."""
         # inductor's own lowering code calls a deprecated torch helper, one FutureWarning per operator it lowers
         warnings.filterwarnings('ignore', message=r'`torch\._prims_common\.check` is deprecated',
                                 category=FutureWarning)

@@ -38,14 +38,18 @@ class BackboneConfig:
     ``kind: clip``: ``name`` is an open_clip model name (RN50, ViT-B-16, ...) or ``model_config`` an open_clip model
     config dict (embed_dim, vision_cfg, text_cfg; for tiny test models); ``pretrained`` a local weights file or an
     open_clip pretrained tag already in the local cache (never downloaded: HF_HUB_OFFLINE), or null for random
-    weights (tests only). ``kind: pgseg``: ``checkpoint`` a pgseg checkpoint directory (or a training run directory:
-    its newest checkpoint) or an official .pth.
+    weights (tests only). ``quick_gelu`` picks the text and image towers' activation: OpenAI's CLIP weights were trained
+    with QuickGELU, so a model built with nn.GELU under them gives wrong embeddings without any error; null takes the
+    pretrained tag's own setting (True for ``openai``) and otherwise open_clip's default for ``name``; set it true for
+    OpenAI's own ``RN50.pt`` file (a TorchScript archive, which is read too). ``kind: pgseg``: ``checkpoint`` a pgseg
+    checkpoint directory (or a training run directory: its newest checkpoint) or an official .pth.
     """
     kind: str = 'pgseg'  # 'pgseg' or 'clip'
     checkpoint: str | None = None
     name: str | None = None
     pretrained: str | None = None
     model_config: dict[str, Any] | None = None
+    quick_gelu: bool | None = None
     logit_scale: float | None = None  # None: the backbone's own (exp of its learned logit scale)
 
 
@@ -205,12 +209,18 @@ class GroupSegDenseBackbone(DenseBackbone):
 
 def _load_clip(cfg: BackboneConfig) -> nn.Module:
     import open_clip
+    tag_cfg = {}
+    if cfg.pretrained and not os.path.isfile(cfg.pretrained) and cfg.name:
+        tag_cfg = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained) or {}
+    quick_gelu = cfg.quick_gelu if cfg.quick_gelu is not None else bool(tag_cfg.get('quick_gelu', False))
     if cfg.model_config is not None:
         values = dict(cfg.model_config)
+        if cfg.quick_gelu is not None:
+            values['quick_gelu'] = cfg.quick_gelu
         model = open_clip.CLIP(embed_dim=values.pop('embed_dim'), vision_cfg=values.pop('vision_cfg'),
                                text_cfg=values.pop('text_cfg'), **values)
     elif cfg.name:
-        model = open_clip.create_model(cfg.name, pretrained=None)
+        model = open_clip.create_model(cfg.name, pretrained=None, force_quick_gelu=quick_gelu)
     else:
         raise ValueError('backbone.kind=clip needs backbone.name (an open_clip model name) or backbone.model_config')
     if cfg.pretrained:
@@ -218,12 +228,31 @@ def _load_clip(cfg: BackboneConfig) -> nn.Module:
         if not os.path.isfile(path):  # an open_clip pretrained tag: only from the local cache
             os.environ.setdefault('HF_HUB_OFFLINE', '1')
             try:
-                path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained))
+                path = open_clip.download_pretrained(tag_cfg)
             except Exception as exc:
                 raise FileNotFoundError(f'backbone.pretrained={cfg.pretrained!r} is neither a file nor an open_clip '
                                         f'tag of {cfg.name!r} in the local cache ({exc})') from None
-        open_clip.load_checkpoint(model, path)
+        if _is_torchscript(path):  # OpenAI's own release files: the weights inside a TorchScript archive
+            # minus OpenAI's three size entries and the buffers that open_clip rebuilds (the causal attn_mask)
+            rebuilt = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+            state = {k: v for k, v in torch.jit.load(path, map_location='cpu').state_dict().items()
+                     if k not in ('input_resolution', 'context_length', 'vocab_size') and k not in rebuilt}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(f'{path}: a TorchScript CLIP whose weights do not fit backbone.name={cfg.name!r} '
+                                 f'(missing {missing[:5]}, unexpected {unexpected[:5]})')
+        else:
+            open_clip.load_checkpoint(model, path)
     return model
+
+
+def _is_torchscript(path: str) -> bool:
+    """True for a TorchScript archive (a zip with compiled code), which ``torch.load(weights_only=True)`` refuses."""
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split('/', 1)[-1].startswith('code/') for name in archive.namelist())
 
 
 def build_backbone(cfg: BackboneConfig, model: nn.Module | None = None) -> DenseBackbone:

@@ -53,7 +53,7 @@ class PromptLossConfig:
 class PromptLoopConfig:
     steps: int = 2000  # the schedule's length
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps, the schedule unchanged
-    precision: Literal['fp32', 'bf16'] = 'bf16'
+    precision: Literal['auto', 'fp32', 'bf16'] = 'auto'  # auto: bf16 where native, else fp32 (pgseg.precision)
     seed: int = 0
     output_dir: str = 'runs/mvpseg'
     time_limit_minutes: float | None = None

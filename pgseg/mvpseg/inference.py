@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..distributed import get_rank, get_world_size, is_main_process
+from ..distributed import all_reduce_sum, get_rank, get_world_size, is_main_process
 from ..eval.datasets import SegmentationDataset
 from ..eval.inference import rescale_image, window_slices
 from ..eval.metrics import confusion_matrix
@@ -28,6 +28,15 @@ class SlideSettings:
     crop_size: int = 512
     stride: int = 341
     batch_windows: int = 16
+
+    @classmethod
+    def from_prompts(cls, meta: dict, short_side: int | None = None, crop_size: int | None = None,
+                     stride: int | None = None) -> SlideSettings:
+        """The settings a prompts.pt was trained and evaluated with (its ``meta['slide']``), each replaced by an
+        explicit value that is not None; the class defaults where the file has none."""
+        slide = meta.get('slide') or {}
+        given = {'short_side': short_side, 'crop_size': crop_size, 'stride': stride}
+        return cls(**{k: v if v is not None else slide.get(k, getattr(cls, k)) for k, v in given.items()})
 
 
 @torch.no_grad()
@@ -76,11 +85,7 @@ def evaluate_seen_unseen(backbone: DenseBackbone, classifier, dataset: Segmentat
         image, label, _ = dataset[i]
         pred, _ = predict_image(backbone, classifier, text, image, settings, device, autocast_dtype)
         conf += confusion_matrix(pred.cpu(), label, len(names))
-    if get_world_size() > 1:
-        import torch.distributed as dist
-        summed = conf.to(device)  # NCCL reduces GPU tensors only
-        dist.all_reduce(summed)
-        conf = summed.cpu()
+    conf = all_reduce_sum(conf)
     out = seen_unseen_metrics(conf, names, unseen)
     out.update(dataset=dataset.spec.name, split=dataset.split, num_images=len(list(range(len(dataset)))[:limit]))
     return out

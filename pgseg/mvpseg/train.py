@@ -4,10 +4,11 @@
     torchrun --nproc_per_node 8 -m pgseg.mvpseg.train --config configs/mvpseg_coco_stuff_156_15.yaml
 
 The trainer's habits are pretraining's: one process or ``torchrun`` (gradients of the few prompt tensors are
-all-reduced by hand; the frozen backbone needs no DDP), bf16 autocast, atomic ``ckpt-<step>`` directories with the
-optimizer, schedule, run state and RNG, ``checkpoint.resume: auto``, a time limit, metrics.jsonl and wandb, a
-progress bar. At the end ``prompts.pt`` is written and the validation split is evaluated over seen and unseen
-classes with the learned prompts and with the hand-written templates; ``results.json`` holds both.
+all-reduced by hand; the frozen backbone needs no DDP), bf16 autocast where native (``train.precision: auto``),
+atomic ``ckpt-<step>`` directories with the optimizer, schedule, run state and RNG, ``checkpoint.resume: auto``, a
+time limit, metrics.jsonl and wandb, a progress bar. At the end ``prompts.pt`` is written and the validation split
+is evaluated over seen and unseen classes with the learned prompts and with the hand-written templates;
+``results.json`` holds both.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from ..engine import RunState, autocast_for, capture_rng, restore_rng
 from ..eval.datasets import LayoutError, build_dataset
 from ..metrics import MetricsLogger
 from ..optim import build_scheduler
+from ..precision import resolve_precision
 from ..prompts import get_templates
 from .backbones import build_backbone
 from .config import PromptTrainConfig, load_prompt_config
@@ -110,6 +112,8 @@ def _save_checkpoint(run_dir: str, step: int, learner, cfg, optimizer, scheduler
 def run(cfg: PromptTrainConfig) -> dict:
     device, _ = init_distributed()
     rank, world = get_rank(), get_world_size()
+    # 'auto' -> bf16 where native, else fp32 (pgseg.precision)
+    precision = resolve_precision(cfg.train.precision, device, gpu_fallback='fp32')
     run_dir = os.path.abspath(cfg.train.output_dir)
     os.makedirs(run_dir, exist_ok=True)
     if is_main_process():
@@ -173,7 +177,7 @@ def run(cfg: PromptTrainConfig) -> dict:
         images = backbone.normalize(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with autocast_for(device, cfg.train.precision):
+        with autocast_for(device, precision):
             losses = prompt_losses(learner, backbone, images, labels, seen_names, cfg)
         losses['loss'].backward()
         if world > 1:
@@ -210,7 +214,7 @@ def run(cfg: PromptTrainConfig) -> dict:
                              cfg.checkpoint.keep_last)
     if is_main_process():
         shutil.copyfile(os.path.join(final, 'prompts.pt'), os.path.join(run_dir, 'prompts.pt'))
-    results = evaluate_run(cfg, backbone, learner, unseen, device, logger, state.step)
+    results = evaluate_run(cfg, backbone, learner, unseen, device, logger, state.step, precision)
     if is_main_process():
         results['prompts'] = os.path.join(run_dir, 'prompts.pt')
         with open(os.path.join(run_dir, 'results.json'), 'w') as f:
@@ -223,12 +227,14 @@ def run(cfg: PromptTrainConfig) -> dict:
 
 @torch.no_grad()
 def evaluate_run(cfg: PromptTrainConfig, backbone, learner, unseen: list[int], device, logger=None,
-                 step: int = 0) -> dict:
-    """The validation split over seen and unseen classes: learned prompts, and (``eval.baseline``) templates."""
+                 step: int = 0, precision: str | None = None) -> dict:
+    """The validation split over seen and unseen classes: learned prompts, and (``eval.baseline``) templates;
+    ``precision`` as resolved by the caller (default: ``cfg.train.precision`` resolved here)."""
+    precision = precision or resolve_precision(cfg.train.precision, device, gpu_fallback='fp32')
     val = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.val_split)
     e = cfg.eval
     settings = SlideSettings(e.short_side, e.long_side, e.crop_size, e.stride)
-    dtype = torch.bfloat16 if cfg.train.precision == 'bf16' else None
+    dtype = torch.bfloat16 if precision == 'bf16' else None
     learner.eval()
     out = {'dataset': cfg.data.dataset, 'split': cfg.data.val_split, 'protocol': cfg.data.protocol,
            'settings': vars(settings), 'learned': evaluate_seen_unseen(backbone, learner, val, unseen, settings,
