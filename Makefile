@@ -36,7 +36,7 @@ clean-venv:
 
 # The CPU demo: synthetic data, training under torchrun (2 processes) within 14 minutes, zero-shot evaluation.
 demo: install
-	$(PY) -m pgseg.demo --out runs/demo --data data/demo
+	$(VENV)/bin/pgseg-demo --out runs/demo --data data/demo
 
 # MVP-SEG on synthetic shapes: prompts learned on 6 seen classes of the frozen demo model (run `make demo` first),
 # compared with hand-written templates over all 8 classes (seen and unseen) on held-out images.

@@ -15,10 +15,11 @@ from .checkpoint import load_model, save_checkpoint
 from .config import ConfigError, ModelConfig, TrainConfig, load_config, load_model_config
 from .data.text import tokenize
 from .eval.inference import slide_logits
-from .models.model import GroupSegModel, ImageOutput, build_model
-from .segment import PromptSegmenter, Segmenter
+from .eval.segmenter import SegmentationResult, Segmenter
+from .models.groupseg import GroupSegModel, ImageOutput, build_model
+from .mvpseg import PromptSegmenter
 
 __version__ = '0.1.0'
 __all__ = ['load_model', 'save_checkpoint', 'build_model', 'tokenize', 'slide_logits', 'load_config',
            'load_model_config', 'ConfigError', 'ModelConfig', 'TrainConfig', 'GroupSegModel', 'ImageOutput',
-           'Segmenter', 'PromptSegmenter']
+           'Segmenter', 'PromptSegmenter', 'SegmentationResult']

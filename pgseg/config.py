@@ -171,7 +171,7 @@ class TrainLoopConfig:
     epochs: int = 30
     warmup_epochs: int = 10
     steps_per_epoch: int | None = None  # None: total samples // global batch
-    # auto: bf16 where the device multiplies it natively, else fp16 on a GPU, fp32 on a CPU (pgseg.precision)
+    # auto: bf16 where the device multiplies it natively, else fp16 on a GPU, fp32 on a CPU (pgseg.runtime.precision)
     precision: Literal['auto', 'fp32', 'bf16', 'fp16'] = 'auto'
     grad_accum_steps: int = 1
     seed: int = 0
@@ -258,10 +258,32 @@ def _merge(schema: Any, sources: Sequence[tuple[str, Any]]) -> Any:
         raise _config_error(exc, 'config') from None
 
 
-def _read_yaml(path: str | os.PathLike) -> DictConfig:
+SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')  # package data (configs/)
+
+
+def shipped_configs() -> list[str]:
+    """The names of the recipes that ship with pgseg (``demo_cpu``, ``pgseg_gcc_redcaps``, ...)."""
+    if not os.path.isdir(SHIPPED_CONFIGS):
+        return []
+    return sorted(f[:-5] for f in os.listdir(SHIPPED_CONFIGS) if f.endswith('.yaml'))
+
+
+def resolve_config_path(path: str | os.PathLike) -> str:
+    """A config file: ``path`` itself when it exists, else the shipped recipe of that name (``demo_cpu`` or
+    ``demo_cpu.yaml``), so that ``--config demo_cpu`` works from any directory after ``pip install``."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f'config file not found: {path}')
+    if os.path.isfile(path):
+        return path
+    name = os.path.basename(path)
+    shipped = os.path.join(SHIPPED_CONFIGS, name if name.endswith('.yaml') else name + '.yaml')
+    if os.path.dirname(path) in ('', 'configs') and os.path.isfile(shipped):
+        return shipped
+    raise ConfigError(f'config file not found: {path} (shipped configs, usable by name: '
+                      f'{", ".join(shipped_configs()) or "none found"})')
+
+
+def _read_yaml(path: str | os.PathLike) -> DictConfig:
+    path = resolve_config_path(path)
     try:
         return OmegaConf.load(path)
     except Exception as exc:  # yaml syntax errors come in several types

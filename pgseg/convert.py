@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .checkpoint import CheckpointError, load_model, save_checkpoint
 from .config import ConfigError
+from .runtime.cli import run_command, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,16 +21,15 @@ def main(argv: list[str] | None = None) -> int:
                         help='for PGSeg files: the NPR loss the converted model trains with (default: reference, '
                              'which keeps every official key; paper drops the release-only text prototypes)')
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
-    try:
+    setup_logging()
+
+    def body() -> None:
         model = load_model(args.src, npr_variant=args.npr_variant)
         out = save_checkpoint(args.dst, model, model.cfg)
-    except (CheckpointError, ConfigError) as exc:
-        print(f'pgseg-convert: error: {exc}', file=sys.stderr)
-        return 2
-    n = sum(p.numel() for p in model.parameters())
-    print(f'wrote {out} ({model.cfg.arch}, {n:,} parameters, NPR variant {model.cfg.npr.variant})')
-    return 0
+        n = sum(p.numel() for p in model.parameters())
+        print(f'wrote {out} ({model.cfg.arch}, {n:,} parameters, NPR variant {model.cfg.npr.variant})')
+
+    return run_command('pgseg-convert', body, (CheckpointError, ConfigError))
 
 
 if __name__ == '__main__':

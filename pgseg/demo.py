@@ -21,15 +21,16 @@ import torch
 from PIL import Image, ImageDraw
 
 from .checkpoint import find_latest, load_model, save_checkpoint
-from .config import load_config
-from .data.synthetic import SceneConfig
-from .data.synthetic_writers import check_scene_matches, write_caption_shards, write_segmentation_set
+from .config import ConfigError, load_config
+from .data.synthetic.scenes import SceneConfig
+from .data.synthetic.writers import check_scene_matches, write_caption_shards, write_segmentation_set
 from .eval.datasets import build_dataset
 from .eval.diagnostics import grouping_diagnostics
 from .eval.protocols import get_protocol
-from .evaluate import evaluate_segmentation
+from .eval.segmentation import evaluate_segmentation
+from .eval.templates import get_templates
 from .models import build_model
-from .prompts import get_templates
+from .runtime.cli import run_command
 
 HOLDOUT = ('circle', 'star')
 # objects larger than pgseg-synth's default (0.12-0.28 of the side): 3-6 patches across instead of 2-4.5; run 15 in the
@@ -126,9 +127,9 @@ def plot_curves(metrics_path: str, out_path: str, keys=CURVES, per_row: int = 4)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m pgseg.demo', description=__doc__,
+    parser = argparse.ArgumentParser(prog='pgseg-demo', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', default='configs/demo_cpu.yaml')
+    parser.add_argument('--config', default='demo_cpu', help='a shipped config by name, or a YAML path')
     parser.add_argument('--data', default='data/demo')
     parser.add_argument('--out', default='runs/demo')
     parser.add_argument('--minutes', type=float, default=14.0, help='training time budget')
@@ -140,17 +141,18 @@ def main(argv=None) -> int:
                         help='largest object radius in the synthetic scenes, as a fraction of the image side')
     parser.add_argument('overrides', nargs='*', help='key=value overrides of the training config')
     args = parser.parse_args(argv)
+    return run_command('pgseg-demo', lambda: run_demo(args), (ConfigError, ValueError))
+
+
+def run_demo(args) -> None:
+    """The four stages of the demo, as the command's options say."""
     start = time.time()
     cfg = load_config(args.config, args.overrides)
     size = cfg.data.img_size
     protocol = get_protocol('pgseg', short_side=size, crop_size=size, stride=size // 2)
     print(f'[1/4] synthetic data in {args.data}', flush=True)
-    try:
-        prepare_data(args.data, args.num_samples, SceneConfig(size=size, min_radius=args.min_radius,
-                                                              max_radius=args.max_radius))
-    except ValueError as exc:
-        print(f'python -m pgseg.demo: error: {exc}', file=sys.stderr)
-        return 2
+    prepare_data(args.data, args.num_samples, SceneConfig(size=size, min_radius=args.min_radius,
+                                                          max_radius=args.max_radius))
 
     print('[2/4] the untrained model', flush=True)
     torch.manual_seed(cfg.train.seed)
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
     after = evaluate(trained, args.data, protocol)
     test_set = build_dataset('voc', os.path.join(args.data, 'eval', 'test'))
     evaluate_segmentation(trained, test_set, protocol, bg_thresh=after['bg_thresh'], limit=8, num_visuals=8,
-                          progress=False)['_visuals'].save(os.path.join(args.out, 'grid.png'))
+                          progress=False)['visual_grid'].save(os.path.join(args.out, 'grid.png'))
     plot_curves(os.path.join(train_dir, 'metrics.jsonl'), os.path.join(args.out, 'curves.png'))
     state = torch.load(os.path.join(ckpt, 'train_state.pt'), weights_only=True)['run']
     summary = {
@@ -217,7 +219,6 @@ def main(argv=None) -> int:
     print(f"{'mIoU (unseen pairs)':<26}{before['unseen_pairs']['miou']:>10.1f}{summary['miou_unseen_pairs']:>10.1f}")
     print(f"\n{summary['training_steps']} training steps; {summary['protocol']}\nwrote {args.out}/summary.json, "
           f'curves.png, grid.png ({summary["minutes_total"]:.1f} minutes in all)')
-    return 0
 
 
 if __name__ == '__main__':

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .data.synthetic import DEFAULT_CLASSES, SHAPES, SceneConfig
-from .data.synthetic_writers import _classes_arg, parse_pairs, write_caption_shards, write_segmentation_set
+from .data.synthetic.scenes import DEFAULT_CLASSES, SHAPES, SceneConfig
+from .data.synthetic.writers import parse_classes, parse_pairs, write_caption_shards, write_segmentation_set
+from .runtime.cli import run_command
 
 
 def _scene(args) -> SceneConfig:
-    return SceneConfig(size=args.size, classes=_classes_arg(args.classes, DEFAULT_CLASSES),
+    return SceneConfig(size=args.size, classes=parse_classes(args.classes, DEFAULT_CLASSES),
                        min_objects=args.min_objects, max_objects=args.max_objects, min_radius=args.min_radius,
                        max_radius=args.max_radius, hue_jitter=args.hue_jitter,
                        forbidden_pairs=parse_pairs(args.holdout_pairs),
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument('--num-images', type=int, required=True)
     seg.add_argument('--split', default='val')
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         scene = _scene(args)
         if args.what == 'shards':
             paths = write_caption_shards(args.out, args.num_samples, args.seed, args.samples_per_shard, scene)
@@ -61,10 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             for layout in layouts:
                 base = write_segmentation_set(args.out, layout, args.num_images, args.seed, scene, args.split)
                 print(f'wrote {args.num_images} {layout} images to {base}')
-    except ValueError as exc:
-        print(f'pgseg-synth: error: {exc}', file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command('pgseg-synth', body, (ValueError,))
 
 
 if __name__ == '__main__':

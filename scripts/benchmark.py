@@ -19,7 +19,7 @@ the machine's drift cancels), after warming up until a step no longer grows the 
 share of the step (the median of paired differences between the step with and without NPR, adjacent, same process:
 EM, matching, HRS and the prototype losses), EM's forward time alone, and the share spent in the losses' all-gathers
 (``--nproc 2`` runs the step under torchrun with gloo to measure it). ``--malloc system`` runs every mode with
-the system's allocator defaults instead of pgseg's (``pgseg.cpu_allocator``).
+the system's allocator defaults instead of pgseg's (``pgseg.runtime.cpu_memory``).
 ``eval``: crops/s and images/s on VOC-sized (500x375) images at the official protocol, one encoder pass per crop;
 ``--two-pass`` (or ``compare``, the default) also runs the released code's two passes (one for the group maps, one
 for the embeddings) for the ratio, image by image with the order alternating; and the time to build text
@@ -81,8 +81,8 @@ def machine_info(device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------------------- peak
 def ceiling_precision(device: torch.device) -> str:
     """The precision whose matmul rate is the machine's ceiling: bf16 where it is native, fp32 where bf16 is
-    emulated (an AVX2 CPU: 1 GFLOP/s in bf16 against 88 in fp32; pgseg.precision)."""
-    from pgseg.precision import native_bf16
+    emulated (an AVX2 CPU: 1 GFLOP/s in bf16 against 88 in fp32; pgseg.runtime.precision)."""
+    from pgseg.runtime.precision import native_bf16
     return 'bf16' if native_bf16(device) else 'fp32'
 
 
@@ -170,9 +170,9 @@ def measure_train_step(args) -> dict:
     import pgseg.data.text
     import pgseg.losses
     import pgseg.models.npr
-    from pgseg.cpu_allocator import configure_cpu_memory
-    from pgseg.distributed import get_rank, get_world_size, init_distributed
     from pgseg.models import matching
+    from pgseg.runtime.cpu_memory import configure_cpu_memory
+    from pgseg.runtime.distributed import get_rank, get_world_size, init_distributed
 
     device, _ = init_distributed() if 'RANK' in os.environ else (torch.device(args.device), 0)
     torch.manual_seed(0)
@@ -218,8 +218,9 @@ def measure_train_step(args) -> dict:
         _sync(device)
         warmup_s.append(time.perf_counter() - t0)  # the first one includes torch.compile's compilation
         warmup_faults.append(_minor_faults() - faults)
-        # on the CPU the heap grows for a few steps until freed blocks fit every request (pgseg.cpu_allocator); memory
-        # touched for the first time is slow on some machines, so time the steps a long run sees: after the growth
+        # on the CPU the heap grows for a few steps until freed blocks fit every request (pgseg.runtime.cpu_memory);
+        # memory touched for the first time is slow on some machines, so time the steps a long run sees: after the
+        # growth
         if i + 1 >= args.warmup and warmup_faults[-1] < 100:
             break
     if device.type == 'cuda':
@@ -401,12 +402,12 @@ def mode_eval(args) -> dict:
     from pgseg.eval.classes import COCO_STUFF
     from pgseg.eval.inference import predict_labels, window_slices
     from pgseg.eval.protocols import get_protocol
-    from pgseg.prompts import get_templates
+    from pgseg.eval.templates import get_templates
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = pgseg.build_model(pgseg.load_config(args.config).model).to(device).eval()
-    from pgseg.precision import resolve_precision
+    from pgseg.runtime.precision import resolve_precision
     precision = resolve_precision(args.precision, device, '--precision', gpu_fallback='fp32')
     dtype = torch.bfloat16 if precision == 'bf16' else None
     protocol = get_protocol('pgseg')
@@ -456,8 +457,8 @@ def mode_eval(args) -> dict:
 # ---------------------------------------------------------------------------------------------------------- data
 def _write_jpeg_shards(folder: str, num: int, size: int = 512, per_shard: int = 48) -> str:
     """img2dataset-like shards of ``size``-pixel synthetic JPEGs (cached in ``folder``); returns the brace pattern."""
-    from pgseg.data.synthetic import SceneConfig
-    from pgseg.data.synthetic_writers import write_caption_shards
+    from pgseg.data.synthetic.scenes import SceneConfig
+    from pgseg.data.synthetic.writers import write_caption_shards
     if not os.path.isfile(os.path.join(folder, 'sizes.json')):
         write_caption_shards(folder, num, seed=7, samples_per_shard=per_shard, scene=SceneConfig(size=size),
                              progress=False)
@@ -644,7 +645,7 @@ def main(argv=None) -> int:
         p.add_argument('--out-dir', default='runs/benchmark')
         p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
                        help="CPU: freed memory kept for reuse and large tensors on huge pages, as pgseg's commands do "
-                            "(retain, pgseg.cpu_allocator), or the system's defaults (system), for the comparison")
+                            "(retain, pgseg.runtime.cpu_memory), or the system's defaults (system), for the comparison")
     for p in (modes['train'], modes['model'], modes['all'], step):
         p.add_argument('--batch', type=int, default=64)
         p.add_argument('--steps', type=int, default=3)
@@ -672,7 +673,7 @@ def main(argv=None) -> int:
     for p in (modes['eval'], modes['all']):
         p.add_argument('--images', type=int, default=10)
         p.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default='auto',
-                       help='auto: bf16 where native, else fp32 (pgseg.precision)')
+                       help='auto: bf16 where native, else fp32 (pgseg.runtime.precision)')
         p.add_argument('--two-pass', choices=['compare', 'on', 'off'], default='compare',
                        help='also run the two-pass evaluation for the ratio (compare), or not (off)')
     modes['data'].add_argument('--images', type=int, default=96, help='images to time (synthetic, or the first of '
@@ -684,7 +685,7 @@ def main(argv=None) -> int:
     for p in (modes['data'], modes['all']):
         p.add_argument('--repeats', type=int, default=5)
     args = parser.parse_args(argv)
-    from pgseg.cpu_allocator import ENV_VAR, configure_cpu_memory
+    from pgseg.runtime.cpu_memory import ENV_VAR, configure_cpu_memory
     os.environ[ENV_VAR] = args.malloc  # also for the train mode's child processes
     if args.device == 'cpu':
         configure_cpu_memory()

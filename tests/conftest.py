@@ -1,38 +1,17 @@
-"""Shared fixtures: tiny configs and models that build in milliseconds on the CPU."""
+"""Shared fixtures: a fixed seed for every test, the tiny model config, tiny caption shards."""
 from __future__ import annotations
-
-import copy
-import os
 
 import pytest
 import torch
 
-import pgseg
-from pgseg.config import ModelConfig
-from pgseg.data.synthetic import SceneConfig
-from pgseg.data.synthetic_writers import write_caption_shards
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(ROOT, 'configs', 'tiny_test.yaml')
-CAPTIONS = ['a red circle on grass', 'two dogs', 'a blue square and a yellow star', 'a cat']
+from pgseg.data.synthetic.scenes import SceneConfig
+from pgseg.data.synthetic.writers import write_caption_shards
+from tests.helpers import tiny_model_config
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def tiny_model_config(arch: str = 'pgseg', variant: str = 'paper') -> ModelConfig:
-    cfg = copy.deepcopy(pgseg.load_config(TINY_CONFIG).model)
-    cfg.arch = arch
-    cfg.npr.variant = variant
-    return cfg
-
-
-def tiny_batch(batch: int = 4, size: int = 32, seed: int = 0):
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    tokens = pgseg.tokenize((CAPTIONS * batch)[:batch], context_length=16)
-    return images, tokens
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pgseg.checkpoint import (
     save_checkpoint,
 )
 from pgseg.convert import main as convert_main
-from tests.conftest import tiny_batch, tiny_model_config
+from tests.helpers import tiny_batch, tiny_model_config
 
 
 def _official_config(cfg) -> dict:
@@ -95,7 +95,7 @@ def test_failed_save_keeps_previous(tmp_path, tiny_cfg, monkeypatch):
 
     def boom(*a, **k):
         raise OSError('disk full')
-    monkeypatch.setattr(ck, 'save_safetensors', boom)
+    monkeypatch.setattr(ck.format, 'save_safetensors', boom)
     with pytest.raises(OSError):
         save_checkpoint(path, model, tiny_cfg)
     assert sorted(os.listdir(tmp_path)) == ['ckpt-000001']

@@ -8,7 +8,7 @@ import pytest
 
 import pgseg
 from pgseg.config import ConfigError, load_config
-from tests.conftest import ROOT, TINY_CONFIG
+from tests.helpers import ROOT, TINY_CONFIG
 
 
 def test_overrides_apply_with_types():
@@ -66,5 +66,34 @@ def test_data_paths_come_from_the_environment(monkeypatch):
 def test_shipped_configs_load_and_build(path):
     cfg = load_config(path)
     assert cfg.model.arch in ('pgseg', 'groupvit')
-    if os.path.basename(path) == 'tiny_test.yaml':
-        pgseg.build_model(cfg.model)
+    model = pgseg.build_model(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_shipped_configs_load_by_name_from_anywhere(tmp_path, monkeypatch):
+    """--config demo_cpu (or demo_cpu.yaml, configs/demo_cpu.yaml) is the shipped recipe, from any directory; an
+    unknown name is an error that lists the shipped ones."""
+    monkeypatch.chdir(tmp_path)
+    by_path = load_config(os.path.join(ROOT, 'configs', 'demo_cpu.yaml'))
+    for name in ('demo_cpu', 'demo_cpu.yaml', 'configs/demo_cpu.yaml'):
+        assert load_config(name) == by_path
+    with pytest.raises(ConfigError, match=r'no_such_recipe.*demo_cpu, groupvit_gcc_yfcc'):
+        load_config('no_such_recipe')
+    (tmp_path / 'demo_cpu.yaml').write_text('train:\n  epochs: 1\n')
+    assert load_config('demo_cpu.yaml').train.epochs == 1  # a file of that name in the working directory wins
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs_and_one_version(tmp_path):
+    """A wheel built from the checkout holds every shipped config as package data, and its version is pgseg's."""
+    import subprocess
+    import sys
+    import zipfile
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w',
+                    str(tmp_path), ROOT], check=True, capture_output=True)
+    wheel = next(tmp_path.glob('pgseg-*.whl'))
+    assert wheel.name.startswith(f'pgseg-{pgseg.__version__}-')
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f'pgseg/configs/{os.path.basename(p)}' for p in glob.glob(os.path.join(ROOT, 'configs', '*.yaml'))}
+    assert shipped and shipped <= names
+    assert not any('fixtures' in n or n.startswith('tests/') for n in names)

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pgseg.data.synthetic import SYNONYMS, SceneConfig, caption_for, render_scene
-from pgseg.data.synthetic_writers import check_scene_matches, scene_rng, write_caption_shards, write_segmentation_set
+from pgseg.data.synthetic.scenes import SYNONYMS, SceneConfig, caption_for, render_scene
+from pgseg.data.synthetic.writers import check_scene_matches, scene_rng, write_caption_shards, write_segmentation_set
 from pgseg.data.text import CaptionTokenizer, extract_prompt_words
 from pgseg.data.transforms import TrainTransform, normalize_batch, to_rgb
 from pgseg.data.webdataset import TrainStream, expand_source
@@ -278,7 +278,7 @@ def test_multi_label_prompts():
 
 
 def test_named_backgrounds_and_their_words():
-    from pgseg.data.synthetic import _BACKGROUND_PHRASES, BACKGROUNDS
+    from pgseg.data.synthetic.scenes import _BACKGROUND_PHRASES, BACKGROUNDS
     cfg = SceneConfig(size=32)
     seen = set()
     for i in range(40):

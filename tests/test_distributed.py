@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pgseg.distributed import all_gather_with_grad, all_reduce_mean, all_reduce_sum, get_rank, get_world_size
 from pgseg.losses import contrastive_loss, multi_label_contrastive_loss
 from pgseg.models.npr import momentum_step
+from pgseg.runtime.distributed import all_gather_with_grad, all_reduce_mean, all_reduce_sum, get_rank, get_world_size
 
 WORLD, B, K, D = 2, 3, 2, 6
 

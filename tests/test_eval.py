@@ -15,17 +15,18 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import pgseg
-from pgseg.data.synthetic import SceneConfig
-from pgseg.data.synthetic_writers import write_segmentation_set
+from pgseg.data.synthetic.scenes import SceneConfig
+from pgseg.data.synthetic.writers import write_segmentation_set
 from pgseg.eval.datasets import DATASETS, LayoutError, build_dataset
+from pgseg.eval.imagenet import evaluate_imagenet
 from pgseg.eval.inference import pamr, predict_labels, preprocess_image
 from pgseg.eval.metrics import confusion_matrix, segmentation_metrics
 from pgseg.eval.prepare import CITYSCAPES_ID_TO_TRAIN_ID, coco_stuff_to_object_lut, convert_cityscapes
 from pgseg.eval.protocols import get_protocol
-from pgseg.evaluate import evaluate_imagenet, evaluate_segmentation
+from pgseg.eval.segmentation import evaluate_segmentation
 from pgseg.evaluate import main as eval_main
 from pgseg.segment import main as segment_main
-from tests.conftest import tiny_model_config
+from tests.helpers import tiny_model_config
 
 SMALL = dict(short_side=32, crop_size=32, stride=16)
 
@@ -150,7 +151,7 @@ def test_two_process_evaluation_equals_one(synthetic_root, tmp_path):
 def test_evaluation_reduces_on_the_device_the_backend_takes(synthetic_root, monkeypatch):
     # NCCL reduces CUDA tensors only: the CPU confusion matrix must travel to the device the backend names (tested
     # here by standing in for the group: two "ranks" whose all-reduce doubles, and a recorded device choice)
-    import pgseg.distributed as distributed
+    import pgseg.runtime.distributed as distributed
     torch.manual_seed(0)
     model = pgseg.build_model(tiny_model_config()).eval()
     dataset, protocol = build_dataset('voc', synthetic_root), get_protocol('pgseg', **SMALL)
@@ -289,7 +290,7 @@ class _FixedGroupsModel:
         return self
 
     def encode_image(self, x, with_group_embeds=True):
-        from pgseg.models.model import ImageOutput
+        from pgseg.models.groupseg import ImageOutput
         maps = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]).unsqueeze(0)  # [1, 4 patches, 2]
         return ImageOutput(image_embeds=self.group_embeds.mean(1), group_embeds=self.group_embeds,
                            group_maps=[maps], grid=(2, 2))

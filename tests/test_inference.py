@@ -8,7 +8,7 @@ import torch
 
 import pgseg
 from pgseg.eval.inference import crop_logits, group_class_affinity, window_slices
-from tests.conftest import ROOT, tiny_model_config
+from tests.helpers import ROOT, tiny_model_config
 
 
 def test_window_slices_match_mmseg():

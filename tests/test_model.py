@@ -15,7 +15,7 @@ from pgseg.models.grouping import straight_through_hard
 from pgseg.models.image_encoder import resize_pos_embed
 from pgseg.models.npr import em_prototypes
 from pgseg.models.text_encoder import valid_token_mask
-from tests.conftest import ROOT, tiny_batch, tiny_model_config
+from tests.helpers import ROOT, tiny_batch, tiny_model_config
 
 
 @pytest.mark.parametrize('arch,variant', [('pgseg', 'paper'), ('pgseg', 'reference'), ('groupvit', 'paper')])
@@ -191,7 +191,7 @@ def test_group_word_loss_in_the_model():
     last_grouping = [layer.downsample for layer in model.img_encoder.layers if layer.downsample is not None][-1]
     assert last_grouping.assign.v_proj.weight.grad.abs().sum() > 0
     assert model.text_encoder.token_embedding.weight.grad.abs().sum() > 0
-    keys = pgseg.models.model._prompt_keys(prompts)
+    keys = pgseg.models.groupseg._prompt_keys(prompts)
     assert keys[0, 0] == keys[2, 0] and len(set(keys.flatten().tolist())) == 7
     # every caption holds the same two nouns: no image is a negative, so there is nothing to learn
     same = pgseg.tokenize(['a photo of a dog', 'a photo of a cat'] * 4, context_length=16).reshape(4, 2, 16)
@@ -305,7 +305,7 @@ def test_group_balance_in_the_model():
     images, tokens = tiny_batch()
     losses = model.compute_losses(images, tokens)
     feats = model.img_encoder(images)
-    usage = pgseg.models.model._final_group_usage(feats, cfg.image.assign_temperature)
+    usage = pgseg.models.groupseg._final_group_usage(feats, cfg.image.assign_temperature)
     assert usage.shape == (images.shape[0], cfg.image.num_output_groups[-1])
     torch.testing.assert_close(usage.sum(dim=-1), torch.ones(images.shape[0]))
     assert 0.0 <= losses['balance'].item() <= math.log(3.0) + 1e-6

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import pgseg
-from pgseg.data.synthetic import SceneConfig
-from pgseg.data.synthetic_writers import write_segmentation_set
+from pgseg.data.synthetic.scenes import SceneConfig
+from pgseg.data.synthetic.writers import write_segmentation_set
 from pgseg.eval.datasets import build_dataset
 from pgseg.mvpseg import (
     BackboneConfig,
@@ -29,7 +29,7 @@ from pgseg.mvpseg import (
 )
 from pgseg.mvpseg.data import EpochBatchSampler, SeenPixelDataset
 
-from .conftest import ROOT, tiny_model_config
+from .helpers import ROOT, tiny_model_config
 
 TEXT = {'context_length': 16, 'width': 32, 'heads': 2, 'layers': 1}
 CLIP_CONFIGS = {

@@ -12,11 +12,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import pgseg
-from pgseg.engine import NonFiniteLossError, RunState, train_step
-from pgseg.optim import build_scheduler, param_groups
 from pgseg.train import main as train_main
 from pgseg.train import run
-from tests.conftest import TINY_CONFIG, tiny_batch, tiny_model_config
+from pgseg.training.optim import build_scheduler, param_groups
+from pgseg.training.state import NonFiniteLossError, RunState
+from pgseg.training.step import train_step
+from tests.helpers import TINY_CONFIG, tiny_batch, tiny_model_config
 
 
 def _cfg(shards, out, **train):
@@ -222,12 +223,14 @@ def test_compiled_training_matches_eager_without_recompiling_each_step(tmp_path,
     eager = run(cfg('eager'))
     counter = CompileCounterWithBackend('aot_eager')  # inductor's code generation would take minutes here
     monkeypatch.setattr(pgseg.train, 'COMPILE_BACKEND', counter)
-    frames, log_step = [], pgseg.train._log_step
+    from pgseg.training.logger import MetricsLogger
+    frames, log = [], MetricsLogger.log
 
-    def count_frames(*args, **kwargs):  # after every step (log.every_steps=1)
-        frames.append(counter.frame_count)
-        log_step(*args, **kwargs)
-    monkeypatch.setattr(pgseg.train, '_log_step', count_frames)
+    def count_frames(self, step, values, *args, **kwargs):  # after every step (log.every_steps=1)
+        if 'train/loss' in values:
+            frames.append(counter.frame_count)
+        log(self, step, values, *args, **kwargs)
+    monkeypatch.setattr(MetricsLogger, 'log', count_frames)
     compiled = run(cfg('compiled', compile=True))
     assert eager.step == compiled.step == 5
     rows = {name: [json.loads(line) for line in open(tmp_path / name / 'metrics.jsonl')]

@@ -1,6 +1,10 @@
 """Class names of the evaluation datasets, exactly as the official code and mmseg list them: they are the prompts."""
 from __future__ import annotations
 
+# a labelled set in an official layout that is not an official dataset (a synthetic set, a user's own) lists its
+# class names in this file beside it; the readers take them from there
+CLASSES_FILE = 'pgseg_classes.json'
+
 VOC = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow', 'table',
        'dog', 'horse', 'motorbike', 'person', 'plant', 'sheep', 'sofa', 'train', 'monitor')
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..data.synthetic_writers import CLASSES_FILE
 from . import classes as C
+from .classes import CLASSES_FILE
 
 __all__ = ['DatasetSpec', 'DATASETS', 'SegmentationDataset', 'build_dataset', 'LayoutError', 'OFFICIAL_COUNTS']
 

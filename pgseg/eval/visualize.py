@@ -1,4 +1,5 @@
-"""Pictures: group-assignment maps over images (training dashboards, evaluation grids)."""
+"""Pictures: label maps in the VOC palette, group-assignment maps over images (training dashboards, evaluation
+grids)."""
 from __future__ import annotations
 
 import colorsys
@@ -11,7 +12,7 @@ from PIL import Image
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ['denormalize', 'group_palette', 'group_map_grid']
+__all__ = ['denormalize', 'voc_palette', 'label_image', 'group_palette', 'group_map_grid']
 
 
 def denormalize(images: torch.Tensor) -> np.ndarray:
@@ -23,9 +24,23 @@ def denormalize(images: torch.Tensor) -> np.ndarray:
     return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def voc_palette() -> list[int]:
+    """The standard Pascal VOC colour map (bit-interleaved), flattened to 768 values."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
 def label_image(label: np.ndarray, num_classes: int) -> Image.Image:
     """Class indices [H, W] -> RGB with the VOC palette; 255 (ignore) in white."""
-    from ..data.synthetic_writers import voc_palette
     palette = np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3).copy()
     palette[255] = 255
     return Image.fromarray(palette[np.asarray(label).astype(np.uint8)])

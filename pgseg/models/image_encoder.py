@@ -16,8 +16,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
 from ..config import ImageEncoderConfig
+from .act_checkpoint import checkpoint_same_kernels
 from .attention import Attention
-from .checkpointing import checkpoint_same_kernels
 from .grouping import GroupingBlock, GroupingOutput, TokenMlp
 from .npr import ImagePrototypes
 from .projection import ProjectionMLP

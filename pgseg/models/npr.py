@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..distributed import all_reduce_mean
+from ..runtime.distributed import all_reduce_mean
 from .projection import ProjectionMLP
 
 __all__ = ['em_prototypes', 'ImagePrototypes', 'ScalarTextPrototypes', 'TokenPrototypes', 'init_prototypes',

@@ -7,7 +7,7 @@ import torch
 from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 
 from ..config import TextEncoderConfig
-from .checkpointing import checkpoint_same_kernels
+from .act_checkpoint import checkpoint_same_kernels
 from .npr import ScalarTextPrototypes, TokenPrototypes
 
 __all__ = ['TextEncoder', 'SOT_TOKEN', 'EOT_TOKEN']

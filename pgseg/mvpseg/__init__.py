@@ -4,22 +4,28 @@ OCLoss and Global Prompt Refining, trained on seen classes and evaluated over se
     pgseg-prompt-train --config configs/mvpseg_synthetic.yaml          # learn prompts
     pgseg-eval --prompts runs/mvpseg/prompts.pt --dataset voc20 ...     # evaluate them
     pgseg-segment photo.jpg --prompts runs/mvpseg/prompts.pt --classes "cat,dog"
+
+What the core commands use of MVP-SEG is this package's interface: ``load_prompt_classifier``, ``SlideSettings``,
+``evaluate_seen_unseen``, ``resolve_unseen`` and ``PromptSegmenter``.
 """
 from .backbones import BackboneConfig, ClipDenseBackbone, DenseBackbone, GroupSegDenseBackbone, build_backbone
+from .inference import SlideSettings, evaluate_seen_unseen
 from .learner import (
-                      MultiViewPrompts,
-                      PixelLogits,
-                      PromptConfig,
-                      TemplateClassifier,
-                      orthogonality_loss,
-                      presence_loss,
-                      refined_log_probs,
-                      segmentation_loss,
+    MultiViewPrompts,
+    PixelLogits,
+    PromptConfig,
+    TemplateClassifier,
+    orthogonality_loss,
+    presence_loss,
+    refined_log_probs,
+    segmentation_loss,
 )
-from .prompt_file import load_prompts, save_prompts
-from .protocols import SPLITS, harmonic_iou, resolve_split, seen_unseen_metrics
+from .prompt_file import load_prompt_classifier, load_prompts, save_prompts
+from .protocols import SPLITS, harmonic_iou, resolve_split, resolve_unseen, seen_unseen_metrics
+from .segmenter import PromptSegmenter
 
 __all__ = ['BackboneConfig', 'DenseBackbone', 'ClipDenseBackbone', 'GroupSegDenseBackbone', 'build_backbone',
            'PromptConfig', 'MultiViewPrompts', 'TemplateClassifier', 'PixelLogits', 'orthogonality_loss',
            'segmentation_loss', 'presence_loss', 'refined_log_probs', 'load_prompts', 'save_prompts', 'SPLITS',
-           'harmonic_iou', 'resolve_split', 'seen_unseen_metrics']
+           'harmonic_iou', 'resolve_split', 'resolve_unseen', 'seen_unseen_metrics', 'load_prompt_classifier',
+           'SlideSettings', 'evaluate_seen_unseen', 'PromptSegmenter']

@@ -53,10 +53,11 @@ class PromptLossConfig:
 class PromptLoopConfig:
     steps: int = 2000  # the schedule's length
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps, the schedule unchanged
-    precision: Literal['auto', 'fp32', 'bf16'] = 'auto'  # auto: bf16 where native, else fp32 (pgseg.precision)
+    precision: Literal['auto', 'fp32', 'bf16'] = 'auto'  # auto: bf16 where native, else fp32 (pgseg.runtime.precision)
     seed: int = 0
     output_dir: str = 'runs/mvpseg'
     time_limit_minutes: float | None = None
+    max_nonfinite_steps: int = 20  # this many consecutive non-finite steps stop the run (NonFiniteLossError)
 
 
 @dataclass
@@ -73,7 +74,7 @@ class PromptEvalConfig:
     crop_size: int = 512
     stride: int = 341
     limit: int | None = None  # first N validation images only
-    templates: str = 'full'  # the hand-written baseline's template set (pgseg.prompts)
+    templates: str = 'full'  # the hand-written baseline's template set (pgseg.eval.templates)
     every_steps: int = 0  # 0: evaluate only at the end
     baseline: bool = True  # also evaluate the hand-written template baseline at the end
 

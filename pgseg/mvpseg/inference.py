@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..distributed import all_reduce_sum, get_rank, get_world_size, is_main_process
 from ..eval.datasets import SegmentationDataset
 from ..eval.inference import rescale_image, window_slices
 from ..eval.metrics import confusion_matrix
+from ..runtime.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process
 from .backbones import DenseBackbone
 from .learner import refined_log_probs
 from .protocols import seen_unseen_metrics

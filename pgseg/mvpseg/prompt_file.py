@@ -12,7 +12,7 @@ import torch
 from .backbones import BackboneConfig, DenseBackbone, build_backbone
 from .learner import MultiViewPrompts, PromptConfig
 
-__all__ = ['PROMPTS_FORMAT', 'save_prompts', 'load_prompts']
+__all__ = ['PROMPTS_FORMAT', 'save_prompts', 'load_prompts', 'load_prompt_classifier']
 
 PROMPTS_FORMAT = 'pgseg-mvpseg-prompts'
 
@@ -54,3 +54,14 @@ def load_prompts(path: str, backbone: DenseBackbone | None = None, map_location:
     learner.load_state_dict(state)
     learner.cfg = PromptConfig(**payload['prompts'])
     return learner.to(backbone.device), backbone, payload.get('meta', {})
+
+
+def load_prompt_classifier(path: str, checkpoint: str | None = None) -> tuple[MultiViewPrompts, DenseBackbone, dict]:
+    """A prompts file ready to classify pixels: -> (prompt learner, frozen backbone, meta). ``checkpoint``, when
+    given, is the pgseg backbone to use instead of the one the file names (a checkpoint directory or official .pth)."""
+    backbone = None
+    if checkpoint:
+        from ..checkpoint import load_model
+        from .backbones import GroupSegDenseBackbone
+        backbone = GroupSegDenseBackbone(load_model(checkpoint))
+    return load_prompts(path, backbone)

@@ -13,7 +13,7 @@ import torch
 
 from ..eval.metrics import segmentation_metrics
 
-__all__ = ['SplitProtocol', 'SPLITS', 'resolve_split', 'harmonic_iou', 'seen_unseen_metrics']
+__all__ = ['SplitProtocol', 'SPLITS', 'resolve_split', 'resolve_unseen', 'harmonic_iou', 'seen_unseen_metrics']
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,15 @@ def resolve_split(protocol: str, classes: Sequence[str], unseen_names: Sequence[
     if not seen:
         raise ValueError('every class is unseen; at least one seen class is needed to learn prompts')
     return seen, unseen
+
+
+def resolve_unseen(spec: str | None, classes: Sequence[str], default: Sequence[str] = ()) -> list[int]:
+    """The unseen class indices of a command-line choice: a named split (``voc_15_5``, ...), comma-separated class
+    names, or (``None``) the ``default`` names (a prompts file's own unseen classes)."""
+    if spec in SPLITS:
+        return resolve_split(spec, list(classes))[1]
+    names = spec.split(',') if spec else list(default)
+    return resolve_split('custom', list(classes), [n.strip() for n in names])[1]
 
 
 def harmonic_iou(seen: float, unseen: float) -> float:

@@ -1,51 +1,45 @@
-"""``pgseg-prompt-train``: learn MVP-SEG prompts on the seen classes of a labelled dataset, with the backbone frozen.
+"""MVP-SEG prompt training, the library behind ``pgseg-prompt-train``: learn prompts on the seen classes of a
+labelled dataset, with the backbone frozen.
 
-    pgseg-prompt-train --config configs/mvpseg_voc_15_5.yaml backbone.name=RN50 backbone.pretrained=/path/RN50.pt
-    torchrun --nproc_per_node 8 -m pgseg.mvpseg.train --config configs/mvpseg_coco_stuff_156_15.yaml
-
-The trainer's habits are pretraining's: one process or ``torchrun`` (gradients of the few prompt tensors are
-all-reduced by hand; the frozen backbone needs no DDP), bf16 autocast where native (``train.precision: auto``),
-atomic ``ckpt-<step>`` directories with the optimizer, schedule, run state and RNG, ``checkpoint.resume: auto``, a
-time limit, metrics.jsonl and wandb, a progress bar. At the end ``prompts.pt`` is written and the validation split
-is evaluated over seen and unseen classes with the learned prompts and with the hand-written templates;
-``results.json`` holds both.
+The trainer's habits are pretraining's, through the same harness (:mod:`pgseg.training`): one process or
+``torchrun`` (gradients of the few prompt tensors are all-reduced by hand; the frozen backbone needs no DDP), bf16
+autocast where native (``train.precision: auto``), atomic ``ckpt-<step>`` directories with the optimizer, schedule,
+run state and RNG, ``checkpoint.resume: auto``, a time limit, metrics.jsonl and wandb, a progress bar. At the end
+``prompts.pt`` is written and the validation split is evaluated over seen and unseen classes with the learned
+prompts and with the hand-written templates; ``results.json`` holds both.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import shutil
 import sys
-import tempfile
-import time
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from ..checkpoint import find_latest, prune_checkpoints
-from ..config import ConfigError, config_to_dict, config_to_yaml
-from ..distributed import (
+from ..config import config_to_dict, config_to_yaml
+from ..eval.datasets import build_dataset
+from ..eval.templates import get_templates
+from ..runtime.distributed import (
     all_ranks_true,
-    broadcast_flag,
+    all_reduce_grads_mean,
     get_rank,
     get_world_size,
     init_distributed,
     is_main_process,
-    run_command,
 )
-from ..engine import RunState, autocast_for, capture_rng, restore_rng
-from ..eval.datasets import LayoutError, build_dataset
-from ..metrics import MetricsLogger
-from ..optim import build_scheduler
-from ..precision import resolve_precision
-from ..prompts import get_templates
+from ..runtime.precision import resolve_precision
+from ..training.checkpoints import CheckpointWriter, load_train_state, resolve_resume, restore_rank
+from ..training.logger import MetricsLogger
+from ..training.loop import Harness, LoopSettings, write_run_files
+from ..training.optim import build_scheduler
+from ..training.state import RunState
+from ..training.step import autocast_for
 from .backbones import build_backbone
-from .config import PromptTrainConfig, load_prompt_config
+from .config import PromptTrainConfig
 from .data import EpochBatchSampler, SeenPixelDataset
 from .inference import SlideSettings, evaluate_seen_unseen
 from .learner import MultiViewPrompts, TemplateClassifier, presence_loss, segmentation_loss
@@ -54,7 +48,7 @@ from .protocols import resolve_split
 
 log = logging.getLogger('pgseg.mvpseg')
 
-__all__ = ['run', 'main', 'prompt_losses']
+__all__ = ['run', 'prompt_losses', 'evaluate_run', 'format_comparison']
 
 
 def prompt_losses(learner: MultiViewPrompts, backbone, images: torch.Tensor, labels: torch.Tensor,
@@ -73,52 +67,14 @@ def prompt_losses(learner: MultiViewPrompts, backbone, images: torch.Tensor, lab
     return out
 
 
-def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= get_world_size()
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-
-
-def _save_checkpoint(run_dir: str, step: int, learner, cfg, optimizer, scheduler, state: RunState, meta: dict,
-                     keep_last: int) -> str:
-    ranks = [None] * get_world_size()
-    mine = capture_rng()
-    if get_world_size() > 1:
-        dist.all_gather_object(ranks, mine)
-    else:
-        ranks = [mine]
-    path = os.path.join(run_dir, f'ckpt-{step:08d}')
-    if is_main_process():
-        tmp = tempfile.mkdtemp(dir=run_dir, prefix='.ckpt-tmp-')
-        save_prompts(os.path.join(tmp, 'prompts.pt'), learner, cfg.backbone, meta)
-        torch.save({'run': state.state_dict(), 'optimizer': optimizer.state_dict(),
-                    'scheduler': scheduler.state_dict(), 'ranks': ranks, 'world_size': get_world_size()},
-                   os.path.join(tmp, 'train_state.pt'))
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        prune_checkpoints(run_dir, keep_last)
-    if get_world_size() > 1:
-        dist.barrier()
-    return path
-
-
 def run(cfg: PromptTrainConfig) -> dict:
+    """Learn the prompts as ``cfg`` says, write ``prompts.pt`` and evaluate them; returns the evaluation results."""
     device, _ = init_distributed()
     rank, world = get_rank(), get_world_size()
-    # 'auto' -> bf16 where native, else fp32 (pgseg.precision)
+    # 'auto' -> bf16 where native, else fp32 (pgseg.runtime.precision)
     precision = resolve_precision(cfg.train.precision, device, gpu_fallback='fp32')
     run_dir = os.path.abspath(cfg.train.output_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    if is_main_process():
-        with open(os.path.join(run_dir, 'config.yaml'), 'w') as f:
-            f.write(config_to_yaml(cfg))
+    write_run_files(run_dir, config_to_yaml(cfg))
     torch.manual_seed(cfg.train.seed)
 
     backbone = build_backbone(cfg.backbone).to(device)
@@ -135,18 +91,15 @@ def run(cfg: PromptTrainConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.warmup_lr,
                                 cfg.optim.min_lr)
     state = RunState()
-    resume = find_latest(run_dir, marker='train_state.pt') if cfg.checkpoint.resume == 'auto' else cfg.checkpoint.resume
+    resume = resolve_resume(cfg.checkpoint.resume, run_dir)
     if resume:
-        if not os.path.isfile(os.path.join(resume, 'train_state.pt')):
-            raise ConfigError(f'checkpoint.resume={resume!r}: no train_state.pt there')
-        saved = torch.load(os.path.join(resume, 'train_state.pt'), map_location='cpu', weights_only=True)
+        saved = load_train_state(resume)
         prompts = torch.load(os.path.join(resume, 'prompts.pt'), map_location='cpu', weights_only=True)
         learner.load_state_dict(prompts['state_dict'])
         optimizer.load_state_dict(saved['optimizer'])
         scheduler.load_state_dict(saved['scheduler'])
         state = RunState.from_state(saved['run'])
-        if saved['world_size'] == world:
-            restore_rng(saved['ranks'][rank])
+        restore_rank(saved, rank, world)
         log.info('resumed from %s at step %d', resume, state.step)
 
     dataset = SeenPixelDataset(train_set, seen, cfg.data.crop_size, cfg.data.base_size, cfg.data.scale_range,
@@ -164,54 +117,36 @@ def run(cfg: PromptTrainConfig) -> dict:
         log.info('%d seen / %d unseen classes of %s (%s); %d training images, %d steps, %d trainable values, '
                  'backbone %s, world %d', len(seen), len(unseen), cfg.data.dataset, cfg.data.protocol, len(train_set),
                  cfg.train.steps, sum(p.numel() for p in params), cfg.backbone.kind, world)
+    writer = CheckpointWriter(run_dir, cfg.checkpoint.keep_last,
+                              lambda folder: save_prompts(os.path.join(folder, 'prompts.pt'), learner, cfg.backbone,
+                                                          meta))
+    settings = LoopSettings(cfg.train.steps, cfg.train.max_steps, cfg.train.time_limit_minutes, cfg.log.every_steps,
+                            cfg.train.max_nonfinite_steps)
+    harness = Harness(run_dir, settings, writer, logger, state)
 
-    start, last = time.time(), time.time()
-    bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not is_main_process(), unit='step',
-               dynamic_ncols=True)
+    def train_state() -> dict:
+        return {'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict()}
+
     scheduler.step_update(state.step)
-    last_step = min(cfg.train.steps, cfg.train.max_steps or cfg.train.steps)
-    done = state.step >= last_step
     batches = iter(loader)
-    while not done:
+    while not harness.should_stop():
         images, labels = next(batches)
         images = backbone.normalize(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_for(device, precision):
-            losses = prompt_losses(learner, backbone, images, labels, seen_names, cfg)
-        losses['loss'].backward()
-        if world > 1:
-            _all_reduce_grads(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad or math.inf)
-        ok = all_ranks_true(bool(torch.isfinite(losses['loss']).item() and torch.isfinite(grad_norm).item()))
-        if ok:
-            optimizer.step()
-        state.count_step(ok, 20)
-        state.step += 1
+        losses, grad_norm, applied = _prompt_step(learner, backbone, params, optimizer, images, labels, seen_names,
+                                                  cfg, precision)
+        harness.step_done(applied)
         scheduler.step_update(state.step)
-        bar.update(1)
-        if state.step % cfg.log.every_steps == 0 or state.step == 1:
-            now = time.time()
+        if harness.log_due():
             values = {f'train/{k}': float(v.detach()) for k, v in losses.items()}
             values.update({'train/lr': optimizer.param_groups[0]['lr'], 'train/grad_norm': float(grad_norm),
-                           'train/fusion_scale': float(learner.log_tau1.detach().exp()),
-                           'train/step_time_s': (now - last) / (1 if state.step == 1 else cfg.log.every_steps)})
+                           'train/fusion_scale': float(learner.log_tau1.detach().exp())})
             if learner.cfg.gpr:
                 values['train/gpr_temperature'] = float(learner.log_tau2.detach().exp())
-            last = now
-            logger.log(state.step, values)
-            bar.set_postfix(loss=f"{values['train/loss']:.3f}", seg=f"{values['train/seg']:.3f}")
-            limit = cfg.train.time_limit_minutes
-            if limit is not None and broadcast_flag((time.time() - start) / 60 >= limit):
-                log.info('time limit of %.1f minutes reached at step %d', limit, state.step)
-                done = True
-        if state.step % cfg.checkpoint.every_steps == 0:
-            _save_checkpoint(run_dir, state.step, learner, cfg, optimizer, scheduler, state, meta,
-                             cfg.checkpoint.keep_last)
-        done = done or state.step >= last_step
-    bar.close()
-    final = _save_checkpoint(run_dir, state.step, learner, cfg, optimizer, scheduler, state, meta,
-                             cfg.checkpoint.keep_last)
+            harness.log(values, {'loss': f"{values['train/loss']:.3f}", 'seg': f"{values['train/seg']:.3f}"})
+        if harness.due(cfg.checkpoint.every_steps):
+            harness.save(train_state())
+    final = harness.finish(train_state())
     if is_main_process():
         shutil.copyfile(os.path.join(final, 'prompts.pt'), os.path.join(run_dir, 'prompts.pt'))
     results = evaluate_run(cfg, backbone, learner, unseen, device, logger, state.step, precision)
@@ -221,8 +156,23 @@ def run(cfg: PromptTrainConfig) -> dict:
             json.dump(results, f, indent=1)
         print(format_comparison(results))
         print(f'wrote {run_dir}/prompts.pt and results.json')
-    logger.close()
+    harness.close()
     return results
+
+
+def _prompt_step(learner, backbone, params, optimizer, images, labels, seen_names, cfg, precision):
+    """One step of prompt learning -> (losses, gradient norm, applied): the prompts' gradients averaged over ranks
+    by hand (the frozen backbone needs no DDP), clipped, and applied only if finite on every rank."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_for(images.device, precision):
+        losses = prompt_losses(learner, backbone, images, labels, seen_names, cfg)
+    losses['loss'].backward()
+    all_reduce_grads_mean(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad or math.inf)
+    ok = all_ranks_true(bool(torch.isfinite(losses['loss']).item() and torch.isfinite(grad_norm).item()))
+    if ok:
+        optimizer.step()
+    return losses, grad_norm, ok
 
 
 @torch.no_grad()
@@ -263,18 +213,6 @@ def format_comparison(results: dict) -> str:
     return '\n'.join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='pgseg-prompt-train', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', required=True, help='YAML config (configs/mvpseg_*.yaml)')
-    parser.add_argument('overrides', nargs='*', help='key=value overrides, e.g. train.steps=500')
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    def body() -> None:
-        run(load_prompt_config(args.config, args.overrides))
-
-    return run_command('pgseg-prompt-train', body, (ConfigError, LayoutError, FileNotFoundError, ValueError))
-
-
-if __name__ == '__main__':
+if __name__ == '__main__':  # ``torchrun -m pgseg.mvpseg.train`` as before; the command is pgseg.prompt_train
+    from ..prompt_train import main
     sys.exit(main())

@@ -4,7 +4,7 @@ A scene is a textured background with one to several objects of named classes (r
 colour, texture; later objects occlude earlier ones). :func:`render_scene` returns the image, the class-index mask and
 the list of objects; :func:`caption_for` describes the objects in words (synonyms, counts, plurals, colours,
 relations, distractor words). Writers for img2dataset shards and the segmentation layouts live in
-:mod:`pgseg.data.synthetic_writers`.
+:mod:`pgseg.data.synthetic.writers`.
 
 Colours: with ``hue_jitter`` below 180 each class keeps its own hue (plus jitter), the "class-tied colour" design the
 demo notes found necessary for recognition to emerge quickly; 180 makes colour carry no class information.

@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import os
-import sys
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from .cpu_allocator import configure_cpu_memory
-
 __all__ = ['init_distributed', 'is_distributed', 'get_rank', 'get_world_size', 'is_main_process',
            'all_gather_with_grad', 'broadcast_flag', 'all_ranks_true', 'all_ranks_true_tensor', 'all_reduce_mean',
            'all_reduce_sum',
-           'barrier']
+           'barrier', 'all_gather_object', 'all_reduce_grads_mean', 'destroy_process_group']
 
 
 def init_distributed() -> tuple[torch.device, int]:
@@ -28,7 +24,6 @@ def init_distributed() -> tuple[torch.device, int]:
         return torch.device('cuda', local_rank), local_rank
     local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscription of CPU cores
-    configure_cpu_memory()  # large tensors reused and on huge pages, not faulted in every step (pgseg.cpu_allocator)
     return torch.device('cpu'), local_rank
 
 
@@ -150,15 +145,32 @@ def barrier() -> None:
         dist.barrier()
 
 
-def run_command(prog: str, body: Callable[[], None], errors: tuple[type[BaseException], ...]) -> int:
-    """A command-line entry point's frame: 0 when ``body`` returns; one of the expected ``errors`` is printed as
-    ``<prog>: error: <message>`` and gives 2; the process group (torchrun), if any, is torn down either way."""
-    try:
-        body()
-    except errors as exc:
-        print(f'{prog}: error: {exc}', file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_grads_mean(params) -> None:
+    """Average the gradients of ``params`` over ranks in place, as one flat all-reduce (a parameter without a
+    gradient counts as zeros). For a few trainable tensors outside DDP (MVP-SEG's prompts)."""
+    if not is_distributed():
+        return
+    params = list(params)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def destroy_process_group() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

@@ -1,58 +1,27 @@
-"""Checkpoints: pgseg's own format (safetensors + YAML + a weights-only training state) and the official files.
+"""Official GroupViT / PGSeg ``.pth`` files: read safely, and the model config they describe.
 
-Official GroupViT / PGSeg ``.pth`` files are pickles holding ``model`` (a state dict) and ``config`` (an OmegaConf
-``DictConfig``). They are read with a restricted unpickler: tensor storage and plain containers are allowed, the
-OmegaConf objects become inert stubs that are turned into plain dicts, and any other global is refused with an error
-naming it, before anything is constructed. Nothing in the file can run code.
-
-pgseg's format is a directory::
-
-    model.safetensors   weights (official key names)
-    config.yaml         the resolved config (at least its ``model`` section)
-    train_state.pt      optional: optimizer, scheduler, scaler, step, RNG, data position; loads with weights_only=True
-
-written to a temporary sibling and renamed into place, so a crash never leaves a half-written checkpoint.
+They are pickles holding ``model`` (a state dict) and ``config`` (an OmegaConf ``DictConfig``). They are read with a
+restricted unpickler: tensor storage and plain containers are allowed, the OmegaConf objects become inert stubs that
+are turned into plain dicts, and any other global is refused with an error naming it, before anything is
+constructed. Nothing in the file can run code.
 """
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
-from safetensors.torch import load_file as load_safetensors
-from safetensors.torch import save_file as save_safetensors
 
-from .config import ConfigError, ModelConfig, TrainConfig, config_to_yaml, load_model_config, model_config_from_dict
+from ..config import ModelConfig, model_config_from_dict
+from .errors import CheckpointError, UnsafeCheckpointError
 
-log = logging.getLogger(__name__)
-
-__all__ = ['UnsafeCheckpointError', 'CheckpointError', 'LoadReport', 'read_official_checkpoint',
-           'model_config_from_official', 'infer_model_config', 'load_state_into', 'save_checkpoint',
-           'load_checkpoint', 'load_model', 'find_latest', 'prune_checkpoints', 'NPR_ONLY_KEY']
-
-WEIGHTS_NAME, CONFIG_NAME, STATE_NAME = 'model.safetensors', 'config.yaml', 'train_state.pt'
-# Keys a GroupViT file lacks when loaded into the PGSeg architecture (reference-spec §7.4), plus pgseg's paper buffers.
-NPR_ONLY_KEY = re.compile(r'(^img_encoder\.logit_scale$|\.downsample_spatial\.|^img_encoder\.mapping_text\.|'
-                          r'^text_encoder\.Atten\.|^text_encoder\.token_prototypes\.)')
+__all__ = ['OfficialCheckpoint', 'read_official_checkpoint', 'model_config_from_official', 'infer_model_config']
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, malformed, or does not fit the model."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The pickle refers to a global outside the allow-list."""
-
-
-# ---------------------------------------------------------------------------------------------- restricted unpickling
 _ALLOWED_GLOBALS = {
     ('torch._utils', '_rebuild_tensor'), ('torch._utils', '_rebuild_tensor_v2'), ('torch', 'Size'), ('torch', 'device'),
     ('collections', 'OrderedDict'), ('collections', 'defaultdict'),
@@ -269,153 +238,3 @@ def infer_model_config(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
         raise CheckpointError(f'cannot infer the architecture from the state dict (missing {exc})') from None
     _add_shape_facts(values, s)
     return model_config_from_dict(values, where='inferred from tensor shapes')
-
-
-# ---------------------------------------------------------------------------------------------- loading weights
-@dataclass
-class LoadReport:
-    fresh: list[str]  # model keys the file did not provide (left at initialisation)
-    ignored: list[str]  # file keys the model has no place for
-
-    def summary(self) -> str:
-        lines = []
-        if self.fresh:
-            lines.append(f'{len(self.fresh)} entries start fresh: ' + ', '.join(self.fresh))
-        if self.ignored:
-            lines.append(f'{len(self.ignored)} entries ignored: ' + ', '.join(self.ignored))
-        return '; '.join(lines) or 'all keys matched'
-
-
-def load_state_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = 'checkpoint',
-                    allow_npr_fresh: bool = False, allow_npr_ignored: bool = False) -> LoadReport:
-    """Copy ``state_dict`` into ``model`` strictly: every key must match in name and shape.
-
-    ``allow_npr_fresh`` lets PGSeg-only entries (NPR modules, their temperature, text prototypes) start fresh, the
-    official fine-tuning recipe that starts PGSeg from a GroupViT file. ``allow_npr_ignored`` lets the file carry such
-    entries that the model lacks (an official PGSeg file into pgseg's paper variant). Everything else must match.
-    """
-    own = model.state_dict()
-    fresh = sorted(k for k in own if k not in state_dict)
-    ignored = sorted(k for k in state_dict if k not in own)
-    bad_fresh = [k for k in fresh if not (allow_npr_fresh and NPR_ONLY_KEY.search(k))]
-    bad_ignored = [k for k in ignored if not (allow_npr_ignored and NPR_ONLY_KEY.search(k))]
-    if bad_fresh or bad_ignored:
-        raise CheckpointError(f'{source}: keys do not match the model. Missing from the file: '
-                              f'{bad_fresh[:10]}{" ..." if len(bad_fresh) > 10 else ""}; not in the model: '
-                              f'{bad_ignored[:10]}{" ..." if len(bad_ignored) > 10 else ""}')
-    shapes = [f'{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}' for k, v in state_dict.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if shapes:
-        raise CheckpointError(f'{source}: shape mismatch: ' + '; '.join(shapes[:10]))
-    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
-    report = LoadReport(fresh=fresh, ignored=ignored)
-    if fresh or ignored:
-        log.warning('%s: %s', source, report.summary())
-    return report
-
-
-# ---------------------------------------------------------------------------------------------- pgseg's own format
-def _is_pgseg_dir(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, WEIGHTS_NAME))
-
-
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: TrainConfig | ModelConfig,
-                    train_state: dict | None = None) -> str:
-    """Write a pgseg checkpoint directory atomically (temporary sibling, then rename). Returns the path."""
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    model = getattr(model, 'module', model)  # unwrap DDP
-    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.tmp-', dir=parent)
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_safetensors(state, os.path.join(tmp, WEIGHTS_NAME), metadata={'format': 'pgseg'})
-        cfg = config if isinstance(config, TrainConfig) else TrainConfig(model=config)
-        with open(os.path.join(tmp, CONFIG_NAME), 'w') as f:
-            f.write(config_to_yaml(cfg))
-        if train_state is not None:
-            torch.save(train_state, os.path.join(tmp, STATE_NAME))
-        if os.path.exists(path):  # replace an older checkpoint of the same name: move it aside first
-            old = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.old-', dir=parent)
-            os.rename(path, os.path.join(old, 'ckpt'))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig, dict | None]:
-    """Read a pgseg checkpoint directory -> (state dict, model config, training state or None)."""
-    path = os.fspath(path)
-    if not _is_pgseg_dir(path):
-        raise CheckpointError(f'{path}: not a pgseg checkpoint directory (expected {WEIGHTS_NAME} and {CONFIG_NAME})')
-    try:
-        model_cfg = load_model_config(os.path.join(path, CONFIG_NAME))
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
-    state = load_safetensors(os.path.join(path, WEIGHTS_NAME))
-    train_state = None
-    if os.path.isfile(os.path.join(path, STATE_NAME)):
-        train_state = torch.load(os.path.join(path, STATE_NAME), map_location='cpu', weights_only=True)
-    return state, model_cfg, train_state
-
-
-def find_latest(run_dir: str | os.PathLike, marker: str = WEIGHTS_NAME) -> str | None:
-    """The newest complete checkpoint directory ``ckpt-<step>`` in ``run_dir`` (by step; complete = it holds
-    ``marker``), or None."""
-    run_dir = os.fspath(run_dir)
-    if not os.path.isdir(run_dir):
-        return None
-    found = []
-    for name in os.listdir(run_dir):
-        m = re.fullmatch(r'ckpt-(\d+)', name)
-        if m and os.path.isfile(os.path.join(run_dir, name, marker)):
-            found.append((int(m.group(1)), os.path.join(run_dir, name)))
-    return max(found)[1] if found else None
-
-
-def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` ``ckpt-<step>`` directories (``ckpt-best`` and others stay)."""
-    run_dir = os.fspath(run_dir)
-    steps = sorted((int(n[5:]), n) for n in os.listdir(run_dir) if n.startswith('ckpt-') and n[5:].isdigit())
-    for _, old in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------- public entry points
-def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu', npr_variant: str | None = None,
-               overrides: dict | None = None):
-    """Build the model a checkpoint describes and load its weights; returns it in eval mode.
-
-    ``path``: a pgseg checkpoint directory, or an official GroupViT / PGSeg ``.pth`` file. Official PGSeg files load
-    as the ``reference`` NPR variant (their keys); pass ``npr_variant='paper'`` to fine-tune them with the fixed loss
-    (the release's scalar text prototypes and unused ``mapping_text`` are then reported as ignored).
-    """
-    from .models.model import GroupSegModel
-
-    path = os.fspath(path)
-    if _is_pgseg_dir(path):
-        state, cfg, _ = load_checkpoint(path)
-        source = path
-    else:
-        official = read_official_checkpoint(path)
-        state = official.state_dict
-        try:
-            cfg = (model_config_from_official(official.config, state) if official.config is not None
-                   else infer_model_config(state))
-        except ConfigError as exc:
-            raise CheckpointError(f'{path}: {exc}') from None
-        source = f'{path} (official format)'
-    if npr_variant is not None or overrides:
-        values = OmegaConf.to_container(OmegaConf.structured(cfg))
-        if npr_variant is not None:
-            values['npr']['variant'] = npr_variant
-        cfg = model_config_from_dict(OmegaConf.merge(values, overrides or {}), where='load_model overrides')
-    model = GroupSegModel(cfg)
-    load_state_into(model, state, source=source, allow_npr_fresh=npr_variant is not None,
-                    allow_npr_ignored=npr_variant is not None)
-    return model.to(map_location).eval()

@@ -1,4 +1,4 @@
-"""pgseg.cpu_allocator: freed large blocks stay in the process (glibc) and large tensors start on huge-page
+"""pgseg.runtime.cpu_memory: freed large blocks stay in the process (glibc) and large tensors start on huge-page
 boundaries, so a training step does not fault its tensors in again."""
 import json
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt, PyTorch THP allocation')
-MODULE = str(Path(__file__).resolve().parents[1] / 'pgseg' / 'cpu_allocator.py')
+MODULE = str(Path(__file__).resolve().parents[1] / 'pgseg' / 'runtime' / 'cpu_memory.py')
 # loads the module alone (importing pgseg would import torch: seconds per probe)
 RETAIN_PROBE = r'''
 import importlib.util, sys
@@ -27,7 +27,7 @@ print(applied, round(held - rss_mb()))
 TORCH_PROBE = r'''
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from pgseg.cpu_allocator import configure_cpu_memory
+from pgseg.runtime.cpu_memory import configure_cpu_memory
 state = configure_cpu_memory()
 import torch
 def huge_kb():
@@ -67,7 +67,7 @@ def test_configure_cpu_memory_in_a_fresh_process():
 
 
 def test_bad_setting_is_a_clear_error(monkeypatch):
-    import pgseg.cpu_allocator as ca
+    import pgseg.runtime.cpu_memory as ca
     monkeypatch.setattr(ca, '_state', None)
     monkeypatch.setenv('PGSEG_CPU_MALLOC', 'jemalloc')
     with pytest.raises(ValueError, match="PGSEG_CPU_MALLOC must be 'retain' or 'system', got 'jemalloc'"):

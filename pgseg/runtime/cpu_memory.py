@@ -78,7 +78,7 @@ def _huge_pages_for_large_tensors() -> bool:
     del probe
     if not in_effect:
         log.info('huge pages for large tensors not in effect (kernel THP mode never, no huge page free, or a large '
-                 'CPU tensor was allocated before pgseg.cpu_allocator ran: set THP_MEM_ALLOC_ENABLE=1 in the '
+                 'CPU tensor was allocated before pgseg.runtime.cpu_memory ran: set THP_MEM_ALLOC_ENABLE=1 in the '
                  'environment instead)')
     return in_effect
 

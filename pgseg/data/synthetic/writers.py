@@ -16,32 +16,18 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .synthetic import Scene, SceneConfig, caption_for, render_scene
+from ...eval.classes import CLASSES_FILE
+from ...eval.visualize import voc_palette
+from .scenes import Scene, SceneConfig, caption_for, render_scene
 
-__all__ = ['write_caption_shards', 'write_segmentation_set', 'voc_palette', 'CLASSES_FILE', 'scene_rng',
+__all__ = ['write_caption_shards', 'write_segmentation_set', 'scene_rng', 'parse_pairs', 'parse_classes',
            'check_scene_matches']
 
-CLASSES_FILE = 'pgseg_classes.json'  # written beside a synthetic set: its class names (not part of the official layout)
 Layout = Literal['voc', 'context', 'coco_object']
 
 
 def scene_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
-
-
-def voc_palette() -> list[int]:
-    """The standard Pascal VOC colour map (bit-interleaved), flattened to 768 values."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 def _jpeg(image: np.ndarray, quality: int = 92) -> bytes:
@@ -200,5 +186,6 @@ def parse_pairs(text: str | None) -> list[tuple[str, str]]:
     return pairs
 
 
-def _classes_arg(text: str | None, default: Sequence[str]) -> tuple[str, ...]:
+def parse_classes(text: str | None, default: Sequence[str]) -> tuple[str, ...]:
+    """Comma-separated class names (a command-line value) -> a tuple; ``default`` when empty."""
     return tuple(c.strip() for c in text.split(',')) if text else tuple(default)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from timm.scheduler import CosineLRScheduler
 
-from .config import OptimConfig
+from ..config import OptimConfig
 
 __all__ = ['param_groups', 'build_optimizer', 'scaled_lrs', 'build_scheduler']
 

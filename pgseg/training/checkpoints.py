@@ -1,0 +1,80 @@
+"""A run directory's checkpoints, for both trainers: ``ckpt-<step>`` written atomically by rank 0 with every rank's
+RNG and data position, the newest ``keep_last`` kept (``ckpt-best`` apart), and the rule that picks where to resume.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable
+
+import torch
+
+from ..checkpoint import STATE_NAME, CheckpointError, find_latest, write_dir_atomically
+from ..runtime.distributed import all_gather_object, barrier, get_world_size, is_main_process
+from .state import RunState, capture_rng, restore_rng
+
+__all__ = ['CheckpointWriter', 'resolve_resume', 'load_train_state', 'restore_rank', 'prune_checkpoints']
+
+
+def resolve_resume(resume: str | None, run_dir: str, marker: str = STATE_NAME) -> str | None:
+    """The checkpoint to resume from: ``auto`` the newest complete ``ckpt-<step>`` of ``run_dir`` (None in a new
+    run), a checkpoint directory, or None (``none``, ``null``, empty)."""
+    if resume in (None, '', 'none', 'null'):
+        return None
+    if resume == 'auto':
+        return find_latest(run_dir, marker)
+    if not os.path.isdir(resume):
+        raise CheckpointError(f'checkpoint.resume={resume!r}: no such checkpoint directory')
+    if not os.path.isfile(os.path.join(resume, marker)):
+        raise CheckpointError(f'checkpoint.resume={resume!r}: no {marker} there (not a training checkpoint)')
+    return resume
+
+
+def load_train_state(path: str) -> dict:
+    """The training state of checkpoint ``path`` (``train_state.pt``: run counters, optimizer, schedule, ranks)."""
+    return torch.load(os.path.join(path, STATE_NAME), map_location='cpu', weights_only=True)
+
+
+def restore_rank(saved: dict, rank: int, world: int) -> dict | None:
+    """Restore this rank's RNG from a training state saved by as many ranks, and return the rank's saved entry
+    (RNG and, for pretraining, the data position); None when the world size differs (nothing restored)."""
+    if saved['world_size'] != world:
+        return None
+    mine = saved['ranks'][rank]
+    if 'rng' not in mine:  # an entry that is the RNG state alone (MVP-SEG checkpoints written before 2026-12)
+        mine = {'rng': mine}
+    restore_rng(mine['rng'])
+    return mine
+
+
+class CheckpointWriter:
+    """Gathers every rank's RNG and data position, then rank 0 writes ``ckpt-<step>`` (or ``name``) atomically and
+    prunes old ones; every rank waits for the write.
+
+    ``write_files(folder)`` writes the trainer's own files (pretraining: weights and config; MVP-SEG: the prompts);
+    the writer adds ``train_state.pt``: the run counters, the trainer's ``train_state`` (optimizer, schedule, ...),
+    every rank's entry and the world size."""
+
+    def __init__(self, run_dir: str, keep_last: int, write_files: Callable[[str], None]):
+        self.run_dir, self.keep_last, self.write_files = run_dir, keep_last, write_files
+
+    def save(self, state: RunState, train_state: dict, rank_state: dict | None = None, name: str | None = None) -> str:
+        ranks = all_gather_object({'rng': capture_rng(), **(rank_state or {})})
+        path = os.path.join(self.run_dir, name or f'ckpt-{state.step:08d}')
+        if is_main_process():
+            def fill(folder: str) -> None:
+                self.write_files(folder)
+                torch.save({'run': state.state_dict(), **train_state, 'ranks': ranks, 'world_size': get_world_size()},
+                           os.path.join(folder, STATE_NAME))
+            write_dir_atomically(path, fill)
+            prune_checkpoints(self.run_dir, self.keep_last)
+        barrier()
+        return path
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` ``ckpt-<step>`` directories (``ckpt-best`` and others stay)."""
+    run_dir = os.fspath(run_dir)
+    steps = sorted((int(n[5:]), n) for n in os.listdir(run_dir) if n.startswith('ckpt-') and n[5:].isdigit())
+    for _, old in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
