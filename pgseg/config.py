@@ -3,11 +3,14 @@
 Configuration flows one way: CLI -> :class:`TrainConfig` -> builders. Below the builders, functions take explicit
 arguments. Unknown keys, wrong types and missing required values raise :class:`ConfigError` naming the key.
 
-Defaults are the official PGSeg recipe (``reference-spec.md`` §1, §4, §5) unless a comment says otherwise.
+Defaults are the official PGSeg recipe (docs/fidelity.md#architecture, docs/fidelity.md#training-data,
+docs/fidelity.md#training-loop) unless a comment says otherwise.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Literal, Sequence
 
@@ -48,12 +51,12 @@ class ImageEncoderConfig:
     gumbel: bool = True  # add Gumbel noise to the assignment logits in training
     gumbel_tau: float = 1.0
     assign_eps: float = 1.0
-    # temperature of the assignment logits q.k / sqrt(C): 1.0 as released. Below 1 the logits start larger than the
-    # Gumbel noise (std 1.28); at 1 a from-scratch run's logits stay far below it for many hundred steps
+    # temperature of the assignment logits q.k / sqrt(C): 1.0 as released. Below 1 the logits outgrow the Gumbel noise
+    # (std 1.28), which otherwise decides a from-scratch assignment (docs/demo.md#diagnosis-1-grouping-runs-1-10)
     assign_temperature: float = 1.0
     # gain on each group's mean of its assigned tokens, before the group token (query) is added back: 1.0 as
-    # released. At init the query (a LayerNorm output, norm ~sqrt(C)) is ~50x larger than the assigned mean at width
-    # 128 (two 0.02-std linear layers), so a group's output is its query, which has attended to the whole image
+    # released. At init the query, which has attended to the whole image, dwarfs the assigned mean at small widths
+    # (docs/demo.md#diagnosis-3-why-the-groups-carry-the-whole-image-runs-15-17)
     assign_gain: float = 1.0
     grad_checkpointing: bool = False  # activation checkpointing of every ViT block (saves memory, costs compute)
 
@@ -70,10 +73,10 @@ class TextEncoderConfig:
 
 @dataclass
 class NPRConfig:
-    """PGSeg's non-learnable prototype regularisation (``reference-spec.md`` §2).
+    """PGSeg's non-learnable prototype regularisation (docs/fidelity.md#prototype-regularisation).
 
     ``variant: reference`` reproduces the released code, bugs included; ``paper`` does what the paper describes
-    (README, "Paper versus released code").
+    (docs/fidelity.md#paper-versus-released-code).
     """
     variant: Literal['reference', 'paper'] = 'paper'
     em_iters: int = 10
@@ -108,7 +111,7 @@ class ModelConfig:
     # the model.multi_label noun prompts
     group_word_weight: float = 0.0
     # the training step from which the two noun losses (grounding_weight, group_word_weight) count: before it the
-    # grouping forms under the other losses alone (the trainer sets GroupSegModel.step)
+    # grouping forms under the other losses alone (the trainer passes each step whether it has come)
     noun_losses_start_step: int = 0
     # pgseg extension (0 = off, the official recipes): weight of the group-balance loss (losses.group_balance_loss),
     # which asks every image to spread its patches over at least balance_min_groups final groups (the exponential
@@ -125,8 +128,8 @@ class ModelConfig:
     # attention kernels: 'math' = two batched matmuls and a softmax, the logits and softmax in float32 and the product
     # with v in the autocast dtype (image tower, grouping blocks; SDPA's math backend for the text tower); 'fused' =
     # PyTorch's fused choice (flash / memory-efficient / cuDNN); 'auto' = 'math' when training on the CPU under bf16
-    # autocast (the CPU flash kernel's backward is slow: at 260 tokens the attention takes 1.5x as long), 'fused'
-    # otherwise (GPUs, and CPU inference)
+    # autocast (the CPU flash kernel's backward is slow: docs/performance.md#attention-on-the-cpu), 'fused' otherwise
+    # (GPUs, and CPU inference)
     attention: Literal['auto', 'math', 'fused'] = 'auto'
 
 
@@ -183,9 +186,9 @@ class TrainLoopConfig:
     # train.time_limit_minutes, so that a slower machine still finishes its schedule instead of being cut mid-decay
     fit_schedule_to_time_limit: bool = False
     find_unused_parameters: bool = False
-    # torch.compile the training losses' computation (GroupSegModel.compile_losses, inductor): the first step
-    # compiles, and the step where the caption length first changes compiles once more for dynamic lengths (a minute
-    # or more each on a small CPU); see README, Performance, for what it gains
+    # torch.compile the training objective's body (GroupSegObjective.compile_losses, inductor): the first step
+    # compiles, and once more where the caption length first changes (dynamic lengths from then on); what it gains:
+    # docs/performance.md#torchcompile-of-the-training-step
     compile: bool = False
 
 
@@ -231,6 +234,60 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# ---------------------------------------------------------------------------------------------- validation
+def validate(cfg: Any, prefix: str = '') -> None:
+    """Every rule a config must satisfy beyond its field types, in one place: each ``Literal`` field holds one of
+    its values (also for configs built in code, which omegaconf never checked), and the cross-field rules of the
+    model. Raises :class:`ConfigError` naming the key, its value and what is expected. The loaders call it, and so
+    does :func:`pgseg.models.build_model`. ``prefix`` names where ``cfg`` sits (``model.`` for a model config)."""
+    if isinstance(cfg, ModelConfig) and not prefix:
+        prefix = 'model.'
+    _check_literals(cfg, prefix)
+    if isinstance(cfg, TrainConfig) and cfg.train.fit_schedule_to_time_limit and cfg.train.time_limit_minutes is None:
+        raise ConfigError('train.fit_schedule_to_time_limit=true needs train.time_limit_minutes (the budget the '
+                          'schedule is fitted to)')
+    model = cfg if isinstance(cfg, ModelConfig) else getattr(cfg, 'model', None)
+    if isinstance(model, ModelConfig):
+        _validate_model(model, prefix if isinstance(cfg, ModelConfig) else prefix + 'model.')
+
+
+def _check_literals(cfg: Any, prefix: str) -> None:
+    if not dataclasses.is_dataclass(cfg):
+        return
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), hints.get(f.name)
+        if typing.get_origin(kind) is Literal and value not in typing.get_args(kind):
+            options = [repr(o) for o in typing.get_args(kind)]
+            raise ConfigError(f'{prefix}{f.name} must be {", ".join(options[:-1])} or {options[-1]}, got {value!r}')
+        if dataclasses.is_dataclass(value):
+            _check_literals(value, f'{prefix}{f.name}.')
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                _check_literals(item, f'{prefix}{f.name}.{i}.')
+
+
+def _validate_model(cfg: ModelConfig, key: str = 'model.') -> None:
+    npr, image = cfg.npr, cfg.image
+    if cfg.arch == 'pgseg' and npr.variant == 'paper' and npr.num_text_prototypes != image.num_output_groups[-1]:
+        raise ConfigError(f'{key}npr.num_text_prototypes={npr.num_text_prototypes} must equal the final group count '
+                          f'{key}image.num_output_groups[-1]={image.num_output_groups[-1]} for the paper variant (text '
+                          f'prototypes are matched one-to-one with groups)')
+    if npr.stage_weights is not None and len(npr.stage_weights) != len(image.num_output_groups):
+        raise ConfigError(f'{key}npr.stage_weights has {len(npr.stage_weights)} entries; the image encoder has '
+                          f'{len(image.num_output_groups)} grouping stages')
+    for name in ('grounding_weight', 'group_word_weight'):
+        weight = getattr(cfg, name)
+        if weight < 0:
+            raise ConfigError(f'{key}{name} must be >= 0, got {weight}')
+        if weight > 0 and cfg.multi_label <= 0:
+            raise ConfigError(f'{key}{name}={weight} needs noun prompts: set {key}multi_label to the number of '
+                              f'prompts per caption (e.g. 3); it is {cfg.multi_label}')
+    if cfg.balance_weight < 0 or cfg.balance_min_groups < 1:
+        raise ConfigError(f'{key}balance_weight must be >= 0 and {key}balance_min_groups >= 1, got '
+                          f'{cfg.balance_weight} and {cfg.balance_min_groups}')
+
+
 def _config_error(exc: Exception, where: str) -> ConfigError:
     key = getattr(exc, 'full_key', None) or getattr(exc, 'key', None)
     msg = getattr(exc, 'msg', None) or str(exc).splitlines()[0]
@@ -253,9 +310,11 @@ def _merge(schema: Any, sources: Sequence[tuple[str, Any]]) -> Any:
         where = ' + '.join(w for w, _ in sources) or 'defaults'
         raise ConfigError(f'{where}: required value(s) not set: {", ".join(missing)}')
     try:
-        return OmegaConf.to_object(cfg)
+        out = OmegaConf.to_object(cfg)
     except oc_errors.OmegaConfBaseException as exc:
         raise _config_error(exc, 'config') from None
+    validate(out)
+    return out
 
 
 SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')  # package data (configs/)

@@ -33,8 +33,8 @@ from .models import build_model
 from .runtime.cli import run_command
 
 HOLDOUT = ('circle', 'star')
-# objects larger than pgseg-synth's default (0.12-0.28 of the side): 3-6 patches across instead of 2-4.5; run 15 in the
-# README raised recognition from 80% to 90% and the mIoU from 10.5 to 13.4 over run 11
+# objects larger than pgseg-synth's default (0.12-0.28 of the side): 3-6 patches across instead of 2-4.5, which helps
+# recognition and the naming of object groups (docs/demo.md#diagnosis-3-why-the-groups-carry-the-whole-image-runs-15-17)
 DEMO_RADIUS = (0.18, 0.36)
 BG_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # up to the official VOC value
 # the second protocol of the demo: the scenes' background kinds named as a user would name the stuff in a picture; a

@@ -25,12 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 from . import __version__
 from .checkpoint import CheckpointError, load_model, load_state_into
 from .checkpoint.format import write_model_files
-from .config import ConfigError, TrainConfig, config_to_dict, config_to_yaml, load_config
+from .config import ConfigError, TrainConfig, config_to_dict, config_to_yaml, load_config, validate
 from .data.text import CaptionTokenizer, trim_padding
 from .data.transforms import TrainTransform, normalize_batch
 from .data.webdataset import StreamPosition, TrainStream, build_train_loader, expand_source
 from .eval.templates import get_templates
 from .eval.visualize import group_map_grid
+from .losses.objective import build_objective
 from .models import build_model
 from .runtime.cli import run_command, setup_cpu_process, setup_logging
 from .runtime.distributed import (
@@ -76,8 +77,8 @@ class Pretraining:
     cfg: TrainConfig
     device: torch.device
     precision: str  # resolved: fp32, bf16 or fp16
-    model: torch.nn.Module
-    ddp: torch.nn.Module  # the model, wrapped by DDP in a multi-process run
+    model: torch.nn.Module  # GroupSegModel: what checkpoints hold
+    objective: torch.nn.Module  # GroupSegObjective over the model, wrapped by DDP in a multi-process run
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler | None
@@ -132,14 +133,15 @@ def build_run(cfg: TrainConfig, device: torch.device, local_rank: int, precision
     model.to(device)
     if device.type == 'cuda' and world > 1:
         model.convert_sync_batchnorm()
+    objective = build_objective(model)
     if cfg.train.compile:
-        model.compile_losses(backend=COMPILE_BACKEND)
+        objective.compile_losses(backend=COMPILE_BACKEND)
     lr, warmup_lr, min_lr = scaled_lrs(cfg.optim, global_batch)
     optimizer = build_optimizer(model, cfg.optim, lr)
     scheduler = build_scheduler(optimizer, total_steps, cfg.train.warmup_epochs * steps_per_epoch, warmup_lr,
                                 min_lr, cfg.optim.warmup_prefix)
     scaler = torch.amp.GradScaler('cuda') if precision == 'fp16' else None
-    run = Pretraining(cfg, device, precision, model, model, optimizer, scheduler, scaler, stream, loader,
+    run = Pretraining(cfg, device, precision, model, objective, optimizer, scheduler, scaler, stream, loader,
                       RunState(), StreamPosition(), total_steps, steps_per_epoch, eval_hook)
     resume = resolve_resume(cfg.checkpoint.resume, os.path.abspath(cfg.train.output_dir))
     if resume:
@@ -147,7 +149,7 @@ def build_run(cfg: TrainConfig, device: torch.device, local_rank: int, precision
     # gradients as views of the communication buckets (no copy) and a static graph (the same parameters are used
     # every step): about 10% of a small model's CPU step under gloo
     if world > 1:
-        run.ddp = DistributedDataParallel(model, device_ids=[local_rank] if device.type == 'cuda' else None,
+        run.objective = DistributedDataParallel(objective, device_ids=[local_rank] if device.type == 'cuda' else None,
                                           find_unused_parameters=cfg.train.find_unused_parameters,
                                           gradient_as_bucket_view=True,
                                           static_graph=not cfg.train.find_unused_parameters)
@@ -183,9 +185,7 @@ def _resume(run: Pretraining, path: str) -> None:
 
 def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:
     """Train as ``cfg`` says; returns the final run state (step, epoch, counters)."""
-    if cfg.train.fit_schedule_to_time_limit and cfg.train.time_limit_minutes is None:
-        raise ConfigError('train.fit_schedule_to_time_limit=true needs train.time_limit_minutes (the budget the '
-                          'schedule is fitted to)')
+    validate(cfg)  # a config built or changed in code gets the loaders' checks too
     if not cfg.data.sources:
         raise ConfigError('data.sources is empty: list at least one shard source (name, pattern)')
     device, local_rank = init_distributed()
@@ -235,8 +235,8 @@ def train_loop(r: Pretraining, h: Harness) -> None:
             if len(micro) < cfg.train.grad_accum_steps:
                 continue
             r.model.train()
-            r.model.step = state.step  # the noun losses' start (model.noun_losses_start_step)
-            result = train_step(r.ddp, micro, r.optimizer, r.precision, cfg.optim.clip_grad, r.scaler)
+            result = train_step(r.objective, micro, r.optimizer, r.precision, cfg.optim.clip_grad, r.scaler,
+                                noun_losses=state.step >= cfg.model.noun_losses_start_step)
             micro = []
             h.step_done(result.applied)  # read at log / checkpoint time: no host sync per step
             r.scheduler.step_update(state.step)

@@ -81,7 +81,7 @@ def machine_info(device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------------------- peak
 def ceiling_precision(device: torch.device) -> str:
     """The precision whose matmul rate is the machine's ceiling: bf16 where it is native, fp32 where bf16 is
-    emulated (an AVX2 CPU: 1 GFLOP/s in bf16 against 88 in fp32; pgseg.runtime.precision)."""
+    emulated (an AVX2 CPU, where bf16 products are tens of times slower than fp32; pgseg.runtime.precision)."""
     from pgseg.runtime.precision import native_bf16
     return 'bf16' if native_bf16(device) else 'fp32'
 
@@ -152,13 +152,15 @@ class _Timer:
         return out
 
 
-def _set_npr(model, enabled: bool) -> None:
-    """Turn NPR's work off (no EM iterations, no matching, no prototype losses) or back on, on a built model."""
-    if not hasattr(model, '_npr_iters'):
-        model._npr_iters = {m: m.num_iters for m in model.modules() if hasattr(m, 'num_iters')}
-    for m, iters in model._npr_iters.items():
-        m.num_iters = iters if enabled else 0
-    model.is_pgseg = enabled and model.cfg.arch == 'pgseg'
+def _set_npr(objective, enabled: bool) -> None:
+    """Turn NPR's work off (no EM iterations, no matching, no prototype losses) or back on, on a built objective."""
+    if not hasattr(objective, '_npr_saved'):
+        objective._npr_saved = (objective.npr, {m: m.num_iters for m in objective.model.modules()
+                                                if hasattr(m, 'num_iters')})
+    settings, iters = objective._npr_saved
+    for m, n in iters.items():
+        m.num_iters = n if enabled else 0
+    objective.npr = settings if enabled else None
 
 
 def _minor_faults() -> int:
@@ -168,8 +170,10 @@ def _minor_faults() -> int:
 def measure_train_step(args) -> dict:
     import pgseg
     import pgseg.data.text
-    import pgseg.losses
+    import pgseg.losses.contrastive
+    import pgseg.losses.grouping
     import pgseg.models.npr
+    from pgseg.losses.objective import build_objective
     from pgseg.models import matching
     from pgseg.runtime.cpu_memory import configure_cpu_memory
     from pgseg.runtime.distributed import get_rank, get_world_size, init_distributed
@@ -194,18 +198,21 @@ def measure_train_step(args) -> dict:
         tokens = pgseg.data.text.trim_padding(tokens)
     tokens = tokens.to(device)
     dtype = {'fp32': None, 'bf16': torch.bfloat16}[args.precision]
+    objective = build_objective(model)
     if args.compile:
-        model.compile_losses()  # what train.compile does
+        objective.compile_losses()  # what train.compile does
 
     em_timer = _Timer(pgseg.models.npr.em_prototypes, device)
     pgseg.models.npr.em_prototypes = em_timer
-    gather_timer = _Timer(pgseg.losses.all_gather_with_grad, device)
-    pgseg.losses.all_gather_with_grad = gather_timer
+    gather_timer = _Timer(pgseg.losses.contrastive.all_gather_with_grad, device)
+    pgseg.losses.contrastive.all_gather_with_grad = gather_timer
+    pgseg.losses.grouping.all_gather_with_grad = gather_timer
 
     def step():
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            losses = model(images, tokens)
+            losses, updates = objective(images, tokens)
         losses['loss'].backward()
+        objective.apply_updates(updates)  # as the trainer: the prototype momentum after the backward pass
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return losses
@@ -230,7 +237,7 @@ def measure_train_step(args) -> dict:
         # with and without NPR in adjacent pairs, the order alternating, so that drift cancels in the paired differences
         pair = (True, False) if i % 2 == 0 else (False, True)
         for enabled in (pair if cfg.arch == 'pgseg' and not args.compile else (True,)):
-            _set_npr(model, enabled)
+            _set_npr(objective, enabled)
             em_timer.total = gather_timer.total = 0.0
             # inside a compiled graph the timers' synchronisation would break the graph (and switching them on would
             # recompile it): under --compile the step is timed whole
@@ -250,7 +257,7 @@ def measure_train_step(args) -> dict:
                 beside.append(_ceiling_probe(device, 8192 if device.type == 'cuda' else 2048))
             else:
                 without_npr.append(elapsed)
-    _set_npr(model, True)
+    _set_npr(objective, True)
     step_s = statistics.median(with_npr)
 
     from torch.utils.flop_counter import FlopCounterMode

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Explain the pixels where ``pgseg.slide_logits`` and a parity fixture's ``seg_slide_logits`` disagree.
 
-Each crop's pixel takes the final group with the largest upsampled soft assignment (reference-spec §6.4). Where two
-groups tie to within float32 rounding, the winner depends on the order of the arithmetic (BLAS kernels, vector
+Each crop's pixel takes the final group with the largest upsampled soft assignment (docs/fidelity.md#per-crop-scoring).
+Where two groups tie to within float32 rounding, the winner depends on the order of the arithmetic (BLAS kernels, vector
 width), and the pixel's scores jump between the two groups' class affinities; its binary background can flip, which
 the 2-window average turns into a difference of 0.5.
 

@@ -8,7 +8,7 @@
     python scripts/prepare_datasets.py check --data-root data/eval
 
 Pascal Context's label PNGs and split files come from mmseg's converter (trainval_merged.json, Detail API); VOC and
-ADE20K need no conversion. See the README's evaluation section for the layout of every dataset.
+ADE20K need no conversion. See docs/data.md#evaluation-datasets for the layout of every dataset.
 """
 import argparse
 import json

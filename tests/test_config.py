@@ -97,3 +97,22 @@ def test_wheel_ships_the_configs_and_one_version(tmp_path):
     shipped = {f'pgseg/configs/{os.path.basename(p)}' for p in glob.glob(os.path.join(ROOT, 'configs', '*.yaml'))}
     assert shipped and shipped <= names
     assert not any('fixtures' in n or n.startswith('tests/') for n in names)
+
+
+def test_validate_checks_literals_and_cross_field_rules_in_one_place():
+    """The loaders and the builders share one validate(): a Literal field set in code, a model rule broken in a
+    file or on the command line, and a train rule, each named by key before anything runs."""
+    cfg = load_config(TINY_CONFIG)
+    cfg.train.precision = 'fp8'
+    with pytest.raises(ConfigError, match=r"train.precision must be 'auto', 'fp32', 'bf16' or 'fp16', got 'fp8'"):
+        pgseg.config.validate(cfg)
+    with pytest.raises(ConfigError, match=r'model.group_word_weight=1.0 needs noun prompts'):
+        load_config(TINY_CONFIG, ['model.group_word_weight=1.0'])
+    with pytest.raises(ConfigError, match=r'model.npr.stage_weights has 1 entries'):
+        load_config(TINY_CONFIG, ['model.npr.stage_weights=[1.0]'])
+    with pytest.raises(ConfigError, match=r'fit_schedule_to_time_limit=true needs train.time_limit_minutes'):
+        load_config(TINY_CONFIG, ['train.fit_schedule_to_time_limit=true'])
+    cfg = load_config(TINY_CONFIG)
+    cfg.model.image_pooling = 'max'
+    with pytest.raises(ConfigError, match=r"model.image_pooling must be 'tokens' or 'embeds', got 'max'"):
+        pgseg.build_model(cfg.model)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import pgseg
 from pgseg.config import ConfigError
+from pgseg.losses.objective import build_objective
 from pgseg.models.grouping import straight_through_hard
 from pgseg.models.image_encoder import resize_pos_embed
 from pgseg.models.npr import em_prototypes
@@ -191,18 +192,17 @@ def test_group_word_loss_in_the_model():
     last_grouping = [layer.downsample for layer in model.img_encoder.layers if layer.downsample is not None][-1]
     assert last_grouping.assign.v_proj.weight.grad.abs().sum() > 0
     assert model.text_encoder.token_embedding.weight.grad.abs().sum() > 0
-    keys = pgseg.models.groupseg._prompt_keys(prompts)
+    keys = pgseg.losses.objective._prompt_keys(prompts)
     assert keys[0, 0] == keys[2, 0] and len(set(keys.flatten().tolist())) == 7
     # every caption holds the same two nouns: no image is a negative, so there is nothing to learn
     same = pgseg.tokenize(['a photo of a dog', 'a photo of a cat'] * 4, context_length=16).reshape(4, 2, 16)
     value = model.compute_losses(images, torch.cat([tokens.unsqueeze(1), same], dim=1))['group_word']
     assert float(value.detach()) == pytest.approx(0.0, abs=1e-6)
-    # model.noun_losses_start_step: before it the noun losses are left out (the trainer sets model.step)
-    model.cfg.noun_losses_start_step, model.step = 10, 9
-    early = model.compute_losses(images, torch.cat([tokens.unsqueeze(1), prompts], dim=1))
+    # before model.noun_losses_start_step the trainer passes noun_losses=False: the noun losses are left out
+    early = model.compute_losses(images, torch.cat([tokens.unsqueeze(1), prompts], dim=1), noun_losses=False)
     assert 'group_word' not in early and 'multi_label' in early
-    model.step = 10
-    assert 'group_word' in model.compute_losses(images, torch.cat([tokens.unsqueeze(1), prompts], dim=1))
+    assert 'group_word' in model.compute_losses(images, torch.cat([tokens.unsqueeze(1), prompts], dim=1),
+                                                noun_losses=True)
 
 
 @pytest.mark.parametrize('variant', ['paper', 'reference'])
@@ -237,17 +237,29 @@ def test_eval_never_mutates_buffers():
         assert torch.equal(v, before[k]), k
 
 
+def _step_buffers(model, images, tokens):
+    """What the trainer does to the buffers in a step: the objective's losses, the backward pass, then the momentum
+    updates the objective returned."""
+    objective = build_objective(model)
+    losses, updates = objective(images, tokens)
+    losses['loss'].backward()
+    objective.apply_updates(updates)
+    return losses
+
+
 def test_momentum_updates_by_variant():
     images, tokens = tiny_batch()
     ref = pgseg.build_model(tiny_model_config('pgseg', 'reference')).train()
     mu_img, mu_txt = ref.img_encoder.layers[0].downsample_spatial.mu.clone(), ref.text_encoder.Atten.mu.clone()
     ref.compute_losses(images, tokens)
+    assert torch.equal(ref.text_encoder.Atten.mu, mu_txt)  # a loss never moves a buffer
+    _step_buffers(ref, images, tokens)
     assert torch.equal(ref.img_encoder.layers[0].downsample_spatial.mu, mu_img)  # the release never updates it
     assert not torch.equal(ref.text_encoder.Atten.mu, mu_txt)
     paper = pgseg.build_model(tiny_model_config('pgseg', 'paper')).train()
     mu_img = paper.img_encoder.layers[0].downsample_spatial.mu.clone()
     mu_tok = paper.text_encoder.token_prototypes.mu.clone()
-    paper.compute_losses(images, tokens)
+    _step_buffers(paper, images, tokens)
     new = paper.img_encoder.layers[0].downsample_spatial.mu
     # stage-0 EM runs on the patch embeddings, which no noise touches: the update can be recomputed exactly
     x0, grid = paper.img_encoder.patch_embed(images)
@@ -305,7 +317,7 @@ def test_group_balance_in_the_model():
     images, tokens = tiny_batch()
     losses = model.compute_losses(images, tokens)
     feats = model.img_encoder(images)
-    usage = pgseg.models.groupseg._final_group_usage(feats, cfg.image.assign_temperature)
+    usage = pgseg.losses.objective._final_group_usage(feats, cfg.image.assign_temperature)
     assert usage.shape == (images.shape[0], cfg.image.num_output_groups[-1])
     torch.testing.assert_close(usage.sum(dim=-1), torch.ones(images.shape[0]))
     assert 0.0 <= losses['balance'].item() <= math.log(3.0) + 1e-6
@@ -338,7 +350,8 @@ def test_resize_pos_embed():
 
 
 def test_official_sizes_and_keys():
-    """The official configurations have the official parameter counts and state-dict keys (reference-spec §1.1, §7)."""
+    """The official configurations have the official parameter counts and state-dict keys
+    (docs/fidelity.md#model-configuration, docs/fidelity.md#checkpoint-format)."""
     cfg = pgseg.load_config(os.path.join(ROOT, 'configs', 'pgseg_gcc_redcaps.yaml')).model
     cfg.npr.variant = 'reference'
     model = pgseg.build_model(cfg)
@@ -439,7 +452,7 @@ def test_attention_kernel_choice():
         assert current_attention_kernel() == 'math'
     model.cfg.attention = 'flash'
     with pytest.raises(pgseg.ConfigError, match="model.attention must be 'auto', 'math' or 'fused', got 'flash'"):
-        model.attention_kernels(cpu)
+        pgseg.config.validate(model.cfg)
 
 
 def test_matmul_attention_matches_sdpa():

@@ -43,9 +43,9 @@ def test_trainer_steps_in_the_resolved_precision(tmp_path, shards, monkeypatch, 
     monkeypatch.setattr(pgseg.runtime.precision, 'native_bf16', lambda d: native)
     seen = []
 
-    def spy(model, micro, optimizer, precision, *args):
+    def spy(model, micro, optimizer, precision, *args, **kwargs):
         seen.append(precision)
-        return train_step(model, micro, optimizer, precision, *args)
+        return train_step(model, micro, optimizer, precision, *args, **kwargs)
 
     train_step = pgseg.train.train_step
     monkeypatch.setattr(pgseg.train, 'train_step', spy)

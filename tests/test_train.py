@@ -66,14 +66,14 @@ def test_main_smoke_and_outputs(tmp_path, shards):
 
 
 def test_trainer_starts_the_noun_losses_at_their_step(tmp_path, shards):
-    """model.noun_losses_start_step counts the trainer's steps (the trainer sets model.step before each one)."""
+    """model.noun_losses_start_step counts the trainer's steps (the trainer passes noun_losses to each step)."""
     code = train_main(['--config', TINY_CONFIG, f'train.output_dir={tmp_path}', 'log.wandb_mode=disabled',
                        f'data.sources=[{{name: s, pattern: "{shards}"}}]', 'train.max_steps=3',
                        'log.every_steps=1', 'log.group_maps_every_steps=0', 'data.num_workers=0',
                        'model.multi_label=2', 'model.group_word_weight=1', 'model.noun_losses_start_step=2'])
     assert code == 0
     rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
-    # step k of the log is the k-th update, computed at model.step = k - 1
+    # step k of the log is the k-th update, computed at step k - 1
     assert ['train/group_word' in r for r in rows] == [False, False, True]
 
 
@@ -210,7 +210,7 @@ def test_ddp_step_equals_one_process_on_the_concatenated_batch(tmp_path):
 def test_compiled_training_matches_eager_without_recompiling_each_step(tmp_path, shards, monkeypatch):
     """train.compile: the trainer compiles the losses' computation; the losses follow the eager run's, the graphs
     cover the whole step (a fallback to eager inside it would compile each submodule as a frame of its own: 20+),
-    and later steps reuse them although model.step and the caption length change."""
+    and later steps reuse them although the step and the caption length change."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     import pgseg.train
@@ -243,5 +243,5 @@ def test_compiled_training_matches_eager_without_recompiling_each_step(tmp_path,
     assert 'train/group_word' in rows['compiled'][2]
     assert 0 < frames[0] <= 8, frames  # the matching's graph breaks split the step into a few graphs
     # recompiled when the caption length first changes (dynamic from then on) and when the noun losses start, then
-    # never again: the last steps compile nothing although model.step changes every step
+    # never again: the last steps compile nothing although the step changes every step
     assert frames[2] == frames[3] == frames[4], frames

@@ -35,7 +35,8 @@ __all__ = ['UnsafeCheckpointError', 'CheckpointError', 'LoadReport', 'read_offic
            'load_checkpoint', 'load_model', 'find_latest', 'write_dir_atomically', 'NPR_ONLY_KEY', 'WEIGHTS_NAME',
            'CONFIG_NAME', 'STATE_NAME']
 
-# Keys a GroupViT file lacks when loaded into the PGSeg architecture (reference-spec §7.4), plus pgseg's paper buffers.
+# Keys a GroupViT file lacks when loaded into the PGSeg architecture, plus pgseg's paper buffers
+# (docs/fidelity.md#groupvit-versus-pgseg-checkpoints).
 NPR_ONLY_KEY = re.compile(r'(^img_encoder\.logit_scale$|\.downsample_spatial\.|^img_encoder\.mapping_text\.|'
                           r'^text_encoder\.Atten\.|^text_encoder\.token_prototypes\.)')
 

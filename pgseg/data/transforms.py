@@ -1,11 +1,11 @@
-"""Image decoding and training augmentation (``reference-spec.md`` §4.3).
+"""Image decoding and training augmentation (docs/fidelity.md#image-augmentation).
 
 ``official_pgseg``: RandomResizedCrop(224, scale 0.08-1, ratio 3/4-4/3, bilinear), horizontal flip 0.5, ImageNet
 normalisation. The crop box is drawn from the header's size *before* decoding, so JPEGs decode in draft mode at the
 smallest 1/2^k scale that still gives the crop its full output resolution (the box snapped to the reduced image's
 pixels: within half of one of them): nearly the same pixels out, less decode and resize work. The crop is
 then resized as torchvision crops and resizes a PIL image, by :func:`resize_uint8` (torch's uint8 antialiased
-bilinear kernel: within 2 grey levels of Pillow's, 2.2-2.8x faster in a single-threaded worker).
+bilinear kernel: within 2 grey levels of Pillow's, and faster: docs/performance.md#the-data-workers-resize).
 ``official_groupvit``: timm's ``create_transform`` with GroupViT's RandAugment recipe and random erasing.
 Every image Pillow can open is turned into RGB correctly (grayscale, palette, alpha, CMYK, 16-bit).
 """
@@ -87,7 +87,8 @@ def resize_uint8(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """RGB PIL image -> uint8 [3, size[0], size[1]] resized by antialiased bilinear interpolation, as
     ``img.resize((size[1], size[0]), Image.BILINEAR)`` computes it (within 2 grey levels: both round fixed-point
     sums, differently). torch's uint8 kernel for channels-last images (the one torchvision's v2 transforms use) is
-    2.2-2.8x faster than Pillow's in a single-threaded data worker at 512 -> 224 (``scripts/benchmark.py data``)."""
+    faster than Pillow's in a single-threaded data worker (``scripts/benchmark.py data``;
+    docs/performance.md#the-data-workers-resize)."""
     hwc = torch.from_numpy(np.array(img, dtype=np.uint8))  # a writable copy [H, W, 3]
     out = torch.nn.functional.interpolate(hwc.permute(2, 0, 1)[None], size=size, mode='bilinear', antialias=True,
                                           align_corners=False)  # a channels-last view in, channels-last out
@@ -138,7 +139,8 @@ class TrainTransform:
         if self._timm is not None:
             # timm's transforms draw from the global RNGs (random, numpy, torch): seed them from this sample's rng
             # so that exact resume holds. torch.default_generator, not torch.manual_seed, which would also seed
-            # (and on a CUDA build trace the stack for) every GPU generator, about 1 ms per sample.
+            # (and on a CUDA build trace the stack for) every GPU generator, a cost on every sample
+            # (docs/performance.md#earlier-changes).
             seed = rng.getrandbits(62)
             random.seed(seed)
             np.random.seed(seed % 2**32)

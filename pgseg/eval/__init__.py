@@ -1,1 +1,3 @@
-"""Zero-shot evaluation: inference rules (and, later, readers, metrics and visualisation)."""
+"""Zero-shot evaluation: inference rules (``inference``), protocols and prompt templates, dataset readers and their
+preparation (``datasets``, ``classes``, ``prepare``), metrics, the evaluation loops (``segmentation``, ``imagenet``),
+the ``Segmenter`` API, diagnostics and visualisation."""

@@ -1,4 +1,5 @@
-"""Readers for the zero-shot segmentation benchmarks in their official on-disk layouts (``reference-spec.md`` §6.1).
+"""Readers for the zero-shot segmentation benchmarks in their official on-disk layouts
+(docs/fidelity.md#evaluation-datasets).
 
 Each reader lists (image, label) pairs and returns labels with ``ignore = 255``, after the dataset's label reduction
 (datasets without a background class map label 0 to ignore and shift the rest down, as mmseg's

@@ -1,4 +1,4 @@
-"""Diagnostics that tell whether naming or grouping holds a score down (docs/demo-notes.md):
+"""Diagnostics that tell whether naming or grouping holds a score down (docs/demo.md#diagnostics):
 
 - recognition: of the classes present in an image, the share ranked within the image's top-|present| classes by the
   pooled image embedding (chance: |present| / K);

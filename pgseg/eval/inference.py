@@ -1,5 +1,6 @@
 """Zero-shot segmentation scoring: the official per-crop rule and mmseg's sliding-window inference
-(``reference-spec.md`` §6.3-6.4), with one encoder pass per crop and the windows batched."""
+(docs/fidelity.md#test-time-resize-and-sliding-windows, docs/fidelity.md#per-crop-scoring), with one encoder pass
+per crop and the windows batched."""
 from __future__ import annotations
 
 import numpy as np

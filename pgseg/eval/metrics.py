@@ -1,4 +1,4 @@
-"""Segmentation metrics from a confusion matrix (mmseg's convention, ``reference-spec.md`` §6.6)."""
+"""Segmentation metrics from a confusion matrix (mmseg's convention, docs/fidelity.md#miou)."""
 from __future__ import annotations
 
 import numpy as np

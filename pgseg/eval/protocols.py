@@ -38,7 +38,7 @@ class Protocol:
 
 
 PROTOCOLS = {
-    # PGSeg's released evaluation configs (reference-spec §6.4)
+    # PGSeg's released evaluation configs (docs/fidelity.md#per-crop-scoring)
     'pgseg': Protocol('pgseg', {'voc': 0.95, 'context': 0.36, 'coco_object': 0.85}),
     # GroupViT's
     'groupvit': Protocol('groupvit', {'voc': 0.95, 'context': 0.35, 'coco_object': 0.95}),

@@ -1,4 +1,4 @@
-"""Prompt templates (``reference-spec.md`` §6.5): the sets the official code names, as format strings."""
+"""Prompt templates (docs/fidelity.md#class-embeddings): the sets the official code names, as format strings."""
 from __future__ import annotations
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES

@@ -14,7 +14,7 @@ __all__ = ['contrastive_loss', 'multi_label_contrastive_loss']
 
 @float32
 def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over the global batch (§3.1).
+    """Symmetric InfoNCE over the global batch (docs/fidelity.md#image-text-contrastive-loss).
 
     image_embeds, text_embeds: [B, D] (not normalised) on each rank. Each rank scores its B rows against the
     W*B gathered columns; the positives sit at ``rank * B + arange(B)``. Returns 0.5 * (CE_img + CE_txt).
@@ -31,7 +31,8 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, log_
 @float32
 def multi_label_contrastive_loss(image_embeds: torch.Tensor, prompt_embeds: torch.Tensor,
                                  log_scale: torch.Tensor) -> torch.Tensor:
-    """GroupViT's multi-label loss (§3.2): each image against the K noun prompts of every caption in the batch.
+    """GroupViT's multi-label loss (docs/fidelity.md#multi-label-contrastive-loss): each image against the K noun
+    prompts of every caption in the batch.
 
     image_embeds: [B, D], prompt_embeds: [B, K, D]. Image -> prompts: soft target 1/K on the image's own K
     prompts. Prompt -> images: one-hot on its own image. 0.5 * (both soft-target cross-entropies).

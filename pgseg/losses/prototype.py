@@ -18,7 +18,7 @@ def hrs_mask(sim: torch.Tensor, threshold: float, pair_score: Literal['column0',
 
     Each column is min-max normalised over the rows. ``diagonal`` keeps pair k when its own normalised similarity
     N[k, k] exceeds the threshold (what the code's comment intends). ``column0`` reproduces the release, which reads
-    N[k, 0] for every k (§2.4).
+    N[k, 0] for every k (docs/fidelity.md#hrs-selection).
     """
     lo, hi = sim.amin(dim=1, keepdim=True), sim.amax(dim=1, keepdim=True)
     norm = (sim - lo) / (hi - lo + 1e-6)
@@ -30,7 +30,8 @@ def hrs_mask(sim: torch.Tensor, threshold: float, pair_score: Literal['column0',
 def prototype_contrastive_loss(groups: torch.Tensor, protos: torch.Tensor, log_scale: torch.Tensor,
                                threshold: float = 0.1,
                                pair_score: Literal['column0', 'diagonal'] = 'diagonal') -> torch.Tensor:
-    """``closs`` (§2.5): contrast each group with its matched prototype against the image's other prototypes,
+    """``closs`` (docs/fidelity.md#prototype-contrastive-loss): contrast each group with its matched prototype against
+    the image's other prototypes,
     and each prototype against the other groups; negatives come from the same image only.
 
     groups, protos: [B, G, D], row-aligned by the matching (pair k = row k of both). Returns CE_gp + CE_pg, each a
@@ -46,7 +47,8 @@ def prototype_contrastive_loss(groups: torch.Tensor, protos: torch.Tensor, log_s
     scale = clamp_logit_scale(log_scale.float())
     labels = torch.arange(G, device=groups.device).expand(B, G)
     # Row k of sim_pg: prototype k against all groups (target k), selected by the mask computed on sim_gp, and
-    # the other way round: the release applies each direction's mask to the transposed matrix (§2.9 item 9).
+    # the other way round: the release applies each direction's mask to the transposed matrix (docs/fidelity.md#cross-
+    # applied-hrs-masks).
     return _masked_mean_ce(scale * sim_pg, labels, keep_gp) + _masked_mean_ce(scale * sim_gp, labels, keep_pg)
 
 

@@ -5,10 +5,9 @@
 - ``'fused'``: ``F.scaled_dot_product_attention``; PyTorch picks flash / memory-efficient / cuDNN where they apply.
 - ``'math'`` (``model.attention: math``): two batched matmuls and a softmax with autograd's own backward: the
   logits and the softmax in float32, the product with v in v's dtype (bf16 under a bf16 autocast). On the CPU under
-  bf16 training this is 1.5x faster than the flash kernel at the paper model's 260 tokens (forward and backward of
-  the attention alone: 215 against 328 ms at batch 64, 6 heads; 132 ms with bf16 logits, which lose precision), while
-  SDPA's own math backend computes everything in float32 there (303 ms); ``model.attention: math`` also selects
-  SDPA's math backend for the text tower. README, Performance.
+  bf16 training it is faster than the flash kernel, whose backward is slow, and than SDPA's math backend, which
+  computes everything in float32 there (docs/performance.md#attention-on-the-cpu); ``model.attention: math`` also
+  selects SDPA's math backend for the text tower.
 
 :class:`Attention` is timm's ViT attention (same parameters, same keys) calling :func:`scaled_dot_product_attention`,
 so timm's ``Block`` builds it through ``attn_layer``.

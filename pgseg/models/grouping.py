@@ -1,4 +1,4 @@
-"""GroupViT's grouping block: group tokens take over the image tokens they win (``reference-spec.md`` §1.5)."""
+"""GroupViT's grouping block: group tokens take over the image tokens they win (docs/fidelity.md#grouping-block)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""GroupViT / PGSeg image encoder (``reference-spec.md`` §1.2-1.6, 1.9-1.10).
+"""GroupViT / PGSeg image encoder (docs/fidelity.md#architecture).
 
 patch embedding -> + position embedding -> stages; each stage runs timm ViT blocks over [image tokens; group tokens],
 then (all but the last) a grouping block that merges the image tokens into the stage's output groups. PGSeg adds,
@@ -109,7 +109,8 @@ class GroupingStage(nn.Module):
             return x, groups, None
         prototypes = None
         if self.downsample_spatial is not None:
-            prototypes, recon = self.downsample_spatial(inputs)  # EM on the stage *input* (§2.9 item 6)
+            # EM on the stage *input* (docs/fidelity.md#prototype-source-features)
+            prototypes, recon = self.downsample_spatial(inputs)
             x = x + recon
         x, grouping = self.downsample(x, groups)
         return x, groups, StageOutput(grouping=grouping, prototypes=prototypes)

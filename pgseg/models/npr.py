@@ -1,4 +1,5 @@
-"""PGSeg's non-learnable prototypes (NPR): EM estimates from source features (``reference-spec.md`` §2.1-2.2).
+"""PGSeg's non-learnable prototypes (NPR): EM estimates from source features (docs/fidelity.md#image-prototypes,
+docs/fidelity.md#text-prototypes-in-the-release).
 
 The EM is a normalised soft k-means with dot-product affinities (no covariances, no priors):
 
@@ -75,7 +76,8 @@ class ImagePrototypes(nn.Module):
     """Image NPR of one grouping stage: EM prototypes of the stage's input tokens, and the reconstruction residual.
 
     The reconstruction ``mapping_x(z @ mu)`` is added to the image tokens before the grouping block, in training and
-    at inference alike: it is part of the official inference network (§2.9 item 7). Keys: ``mu``, ``mapping_x.*``.
+    at inference alike: it is part of the official inference network (docs/fidelity.md#npr-in-the-inference-network).
+    Keys: ``mu``, ``mapping_x.*``.
     """
 
     def __init__(self, dim: int, out_dim: int, num_prototypes: int, num_iters: int = 10, momentum: float = 0.9,
@@ -99,7 +101,8 @@ class ImagePrototypes(nn.Module):
 
 class ScalarTextPrototypes(nn.Module):
     """The released code's text NPR (key ``text_encoder.Atten.mu`` [1, K, 1]): the EOT feature's C channels are
-    clustered as C scalar points into K scalar prototypes normalised jointly. Reference variant only (§2.2)."""
+    clustered as C scalar points into K scalar prototypes normalised jointly. Reference variant only
+    (docs/fidelity.md#text-prototypes-in-the-release)."""
 
     def __init__(self, num_prototypes: int = 8, num_iters: int = 10, momentum: float = 0.9):
         super().__init__()

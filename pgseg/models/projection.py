@@ -1,4 +1,4 @@
-"""The BatchNorm MLP projection head (``ProjectMLP`` in the official code, §1.6)."""
+"""The BatchNorm MLP projection head (``ProjectMLP`` in the official code, docs/fidelity.md#projection-heads)."""
 from __future__ import annotations
 
 from contextlib import contextmanager

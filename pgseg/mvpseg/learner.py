@@ -1,4 +1,4 @@
-"""MVP-SEG's multi-view prompt learner (``mvpseg.md`` §3-5, §10) and the hand-written template baseline.
+"""MVP-SEG's multi-view prompt learner (docs/mvpseg.md#the-method) and the hand-written template baseline.
 
 Shapes: B images, C classes, D joint dimension, k segmentation views, L context tokens, d text width,
 pixel features [B, D, h, w].
@@ -10,8 +10,8 @@ pixel features [B, D, h, w].
     g_c     = sigmoid((s_c - beta) / tau2)                                       GPR presence score [B, C]
     log m_c = log_softmax_c(fused) + log g_c                                     refined masks (log domain)
 
-Trainable: the 1+k context sequences, log tau1, log tau2 and beta. Choices where the paper is silent are listed in
-the README (MVP-SEG section) with the reasons.
+Trainable: the 1+k context sequences, log tau1, log tau2 and beta. Choices where the paper is silent are listed with
+the reasons in docs/mvpseg.md#choices-where-the-paper-is-silent.
 """
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def segmentation_loss(logits: PixelLogits, labels: torch.Tensor, ignore_index: i
 def presence_loss(logits: PixelLogits, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
                   ) -> torch.Tensor:
     """GPR's image-level loss: binary cross-entropy of g_c against y_c = 1 when class c has a labelled pixel in
-    the image (full BCE, not only the positive term: see the README)."""
+    the image (full BCE, not only the positive term: docs/mvpseg.md#choices-where-the-paper-is-silent)."""
     if logits.presence is None:
         raise ValueError('presence_loss needs GPR logits (prompts.gpr: true)')
     flat = labels.flatten(1).long()

@@ -1,4 +1,4 @@
-"""Seen / unseen class splits (MaskCLIP+'s zero-shot splits, ``mvpseg.md`` §1.2) and the GZS3 metrics.
+"""Seen / unseen class splits (MaskCLIP+'s zero-shot splits, docs/mvpseg.md#protocols) and the GZS3 metrics.
 
 Every pixel is classified over seen and unseen classes together; IoU is dataset-level (intersections and unions
 summed over all images); mIoU(S) and mIoU(U) average it over the seen and the unseen classes, and

@@ -2,8 +2,7 @@
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it to the
 system on free. A training step allocates and frees hundreds of tensors of 50-200 MB (attention matrices, the NPR
-heads' 4096-wide activations), so each one is faulted in again, 4 KiB at a time, every step; on the development
-machine a page fault costs several microseconds and the paper model's bf16 step spent seconds in them. Two settings:
+heads' 4096-wide activations), so each one is faulted in again, 4 KiB at a time, every step. Two settings:
 
 - *retain*: ``mallopt`` turns off mmap for large blocks and heap trimming, so freed blocks stay on the heap, already
   faulted in, and the next step reuses them;
@@ -11,13 +10,8 @@ machine a page fault costs several microseconds and the paper model's bf16 step 
   transparent huge pages for them (when the kernel's THP mode is ``madvise`` or ``always``): 512 times fewer faults
   for what the heap still has to grow, and fewer TLB misses.
 
-The paper model's bf16 step on the development machine (README, Performance; bf16 attention logits then): 12.3 s
-with glibc's defaults, 8.4 s retained, 7.0 s retained on huge pages once the heap has reached its peak; the process
-keeps its peak heap. Until then the heap grows, and on the development VMs memory touched for the first time costs
-far more than a page fault: 1.5-2 ms per MB, huge pages or not (the host backs guest memory lazily and takes freed
-guest pages back), against 4 GB/s for blocks glibc unmaps and maps again. The paper model's first bf16 steps take
-13 and 6.5 s, and an operator whose output needs new memory (an NPR head's 103 MB BatchNorm gradient) 150-330 ms
-instead of 10-25 ms; after about five steps no step faults anything in.
+The process keeps its peak heap: the first steps grow it (slowly where the host backs memory lazily), later steps
+fault nothing in. Timings: docs/performance.md#cpu-memory-settings, docs/performance.md#first-touch-memory.
 ``init_distributed`` applies both to every CPU process of pgseg's commands; ``PGSEG_CPU_MALLOC=system`` keeps the
 defaults. The huge-page setting must come before the process's first large tensor (PyTorch reads it once); without
 glibc the retain setting does nothing.

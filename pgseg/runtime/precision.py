@@ -2,8 +2,8 @@
 
 bf16 autocast is only fast where the hardware multiplies bf16 natively: GPUs from Ampere on, and CPUs whose oneDNN
 has bf16 kernels (AVX-512 BF16 or AMX; AVX-512 cores convert on the fly at a similar speed). Elsewhere a CPU's bf16
-matrix products fall back to a reference loop: on an AVX2 EPYC (README, Performance) a 1024 x 1024 bf16 product ran at
-0.8-1.3 GFLOP/s against 88 in float32, so a bf16 training step is tens of times slower than a float32 one there.
+matrix products fall back to a reference loop, so a bf16 training step there is tens of times slower than a float32
+one (docs/performance.md#avx2-epyc-without-native-bf16).
 ``auto`` picks bf16 where it is native, otherwise float16 with a grad scaler on a CUDA GPU (the released code's
 mixed precision) and float32 on a CPU; an explicit ``bf16`` where it is not native runs as asked, with a warning.
 """

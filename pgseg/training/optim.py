@@ -1,4 +1,4 @@
-"""AdamW with parameter groups and timm's cosine schedule with warmup (``reference-spec.md`` §5.1-5.3)."""
+"""AdamW with parameter groups and timm's cosine schedule with warmup (docs/fidelity.md#training-loop)."""
 from __future__ import annotations
 
 import torch
@@ -16,8 +16,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_set: str = '
     (``model.no_weight_decay()``). ``official``: the release's rule, no decay only where ``ndim == 1`` or the name
     ends with ``.bias`` (so logit scales, position embeddings and group tokens are decayed).
     """
-    if decay_set not in ('pgseg', 'official'):
-        raise ValueError(f"optim.decay_set must be 'pgseg' or 'official', got {decay_set!r}")
     skip = set(model.no_weight_decay()) if decay_set == 'pgseg' and hasattr(model, 'no_weight_decay') else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -33,7 +31,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_set: str = '
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
     groups = param_groups(model, cfg.weight_decay, cfg.decay_set)
-    # the fused kernel (CPU and CUDA): one pass over all parameters, 4-5x faster than the per-tensor loop on the CPU
+    # the fused kernel (CPU and CUDA): one pass over all parameters, several times faster than the per-tensor loop on
+    # the CPU (docs/performance.md#earlier-changes)
     fused = all(p.dtype.is_floating_point and p.device.type in ('cpu', 'cuda') for g in groups for p in g['params'])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
@@ -47,7 +46,8 @@ def scaled_lrs(cfg: OptimConfig, global_batch: int) -> tuple[float, float, float
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, warmup_lr: float,
                     min_lr: float, warmup_prefix: bool = True) -> CosineLRScheduler:
     """Stepped per iteration with ``step_update(step)``. ``warmup_prefix=False`` reproduces the release: the cosine
-    is evaluated at the absolute step, so the LR drops when warmup ends (§5.3)."""
+    is evaluated at the absolute step, so the LR drops when warmup ends
+    (docs/fidelity.md#learning-rate-schedule)."""
     return CosineLRScheduler(optimizer, t_initial=_cosine_steps(total_steps, warmup_steps, warmup_prefix),
                              lr_min=min_lr, warmup_t=warmup_steps,
                              warmup_lr_init=warmup_lr, warmup_prefix=warmup_prefix, t_in_epochs=False,

@@ -41,24 +41,33 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_step(model: torch.nn.Module, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+def train_step(objective: torch.nn.Module, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                optimizer: torch.optim.Optimizer, precision: str = 'fp32', clip_grad: float | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> StepResult:
+               scaler: torch.amp.GradScaler | None = None, **forward_kwargs) -> StepResult:
     """Forward and backward over the micro-batches, clip, and step the optimizer unless the loss or the gradient
-    is not finite (then the gradients are dropped and the parameters stay as they were)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    is not finite (then the gradients are dropped and the parameters stay as they were).
+
+    ``objective(images, tokens, **forward_kwargs)`` (wrapped in DDP or not) returns the losses dict with ``loss``,
+    or ``(losses, buffer_updates)``: the updates (the prototype momentum of PGSeg) are applied after each
+    micro-batch's backward pass by ``objective.apply_updates``."""
+    params = [p for p in objective.parameters() if p.requires_grad]
     device = params[0].device
+    inner = objective.module if isinstance(objective, DistributedDataParallel) else objective
     optimizer.zero_grad(set_to_none=True)
     n = len(micro_batches)
     totals: dict[str, torch.Tensor] = {}
     for i, (images, tokens) in enumerate(micro_batches):
         last = i == n - 1
-        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+        ddp = isinstance(objective, DistributedDataParallel)
+        sync = objective.no_sync() if ddp and not last else contextlib.nullcontext()
         with sync:
             with autocast_for(device, precision):
-                losses = model(images, tokens)
+                out = objective(images, tokens, **forward_kwargs)
+            losses, updates = out if isinstance(out, tuple) else (out, None)
             loss = losses['loss'] / n
             (scaler.scale(loss) if scaler is not None else loss).backward()
+        if updates:  # buffers move after the backward pass, never inside a loss
+            inner.apply_updates(updates)
         for k, v in losses.items():
             totals[k] = totals.get(k, 0.0) + v.detach().float() / n
     if scaler is not None:

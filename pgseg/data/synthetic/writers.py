@@ -1,5 +1,5 @@
 """Write synthetic scenes to disk: image-caption shards in img2dataset's layout, and segmentation sets in the exact
-on-disk layouts of Pascal VOC 2012, Pascal Context and COCO-Object (``reference-spec.md`` §6.1).
+on-disk layouts of Pascal VOC 2012, Pascal Context and COCO-Object (docs/fidelity.md#evaluation-datasets).
 
 Every writer is deterministic: the scene of sample i depends only on (seed, i).
 """
