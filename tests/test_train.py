@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import pgseg
+from pgseg.losses.objective import build_objective
 from pgseg.train import main as train_main
 from pgseg.train import run
 from pgseg.training.optim import build_scheduler, param_groups
@@ -174,11 +175,12 @@ def test_parameter_groups():
 
 # ---------------------------------------------------------------------------------------------- DDP equivalence
 def _ddp_model():
+    """The training objective over a tiny GroupViT (what the trainer wraps in DDP)."""
     cfg = tiny_model_config('groupvit')
     cfg.proj_num_layers = 1  # no BatchNorm: its statistics are per rank by design on the CPU
     cfg.image.gumbel = False
     torch.manual_seed(0)
-    return pgseg.build_model(cfg)
+    return build_objective(pgseg.build_model(cfg))
 
 
 def _one_sgd_step(model, images, tokens):

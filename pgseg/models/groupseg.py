@@ -44,7 +44,11 @@ class ImageOutput:
 
 
 class GroupSegModel(nn.Module):
-    """GroupViT (``arch: groupvit``) or PGSeg (``arch: pgseg``). State-dict keys are the official ones."""
+    """GroupViT (``arch: groupvit``) or PGSeg (``arch: pgseg``). State-dict keys are the official ones.
+
+    The model has no ``forward``: inference calls ``encode_image`` / ``encode_text`` / ``class_embeddings``, and
+    training runs :class:`pgseg.losses.objective.GroupSegObjective`, which calls the feature methods below (and is
+    what DDP wraps); ``compute_losses`` is the objective in one call."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -116,10 +120,6 @@ class GroupSegModel(nn.Module):
         return F.normalize(embeds, dim=-1)
 
     # ------------------------------------------------------------------ training features
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
-        """The training losses (:meth:`compute_losses`)."""
-        return self.compute_losses(images, tokens, **kwargs)
-
     def compute_losses(self, images: torch.Tensor, tokens: torch.Tensor, npr_variant: NPRVariant | None = None,
                        noun_losses: bool = True) -> dict[str, torch.Tensor]:
         """images: [B, 3, H, W]; tokens: [B, L] captions, or [B, 1+K, L] caption + K noun prompts (multi-label).
