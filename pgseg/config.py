@@ -269,6 +269,21 @@ def _check_literals(cfg: Any, prefix: str) -> None:
 
 def _validate_model(cfg: ModelConfig, key: str = 'model.') -> None:
     npr, image = cfg.npr, cfg.image
+    stages = len(image.depths)
+    for name in ('embed_factors', 'num_heads', 'num_group_tokens'):
+        if len(getattr(image, name)) != stages:
+            raise ConfigError(f'{key}image.{name}={getattr(image, name)} has {len(getattr(image, name))} entries; '
+                              f'expected one per stage ({stages}, from {key}image.depths={image.depths})')
+    if len(image.num_output_groups) != stages - 1:
+        raise ConfigError(f'{key}image.num_output_groups={image.num_output_groups} needs {stages - 1} entries, one '
+                          f'per grouping stage ({key}image.depths={image.depths} has {stages} stages)')
+    if image.img_size % image.patch_size:
+        raise ConfigError(f'{key}image.img_size={image.img_size} is not a multiple of '
+                          f'{key}image.patch_size={image.patch_size}')
+    widths = [int(image.embed_dim * f) for f in image.embed_factors]
+    if cfg.arch == 'pgseg' and len(set(widths)) > 1:  # NPR adds its reconstruction to the stage's tokens
+        raise ConfigError(f'{key}image.embed_factors={image.embed_factors}: PGSeg needs the same width at every '
+                          f'stage (its prototypes reconstruct the tokens around each grouping)')
     if cfg.arch == 'pgseg' and npr.variant == 'paper' and npr.num_text_prototypes != image.num_output_groups[-1]:
         raise ConfigError(f'{key}npr.num_text_prototypes={npr.num_text_prototypes} must equal the final group count '
                           f'{key}image.num_output_groups[-1]={image.num_output_groups[-1]} for the paper variant (text '

@@ -112,6 +112,9 @@ def test_validate_checks_literals_and_cross_field_rules_in_one_place():
         load_config(TINY_CONFIG, ['model.npr.stage_weights=[1.0]'])
     with pytest.raises(ConfigError, match=r'fit_schedule_to_time_limit=true needs train.time_limit_minutes'):
         load_config(TINY_CONFIG, ['train.fit_schedule_to_time_limit=true'])
+    with pytest.raises(ConfigError, match=r'model.image.embed_factors=\[1, 1, 1\] has 3 entries; expected one per '
+                                          r'stage \(2, from model.image.depths=\[1, 1\]\)'):
+        load_config(TINY_CONFIG, ['model.image.depths=[1,1]'])
     cfg = load_config(TINY_CONFIG)
     cfg.model.image_pooling = 'max'
     with pytest.raises(ConfigError, match=r"model.image_pooling must be 'tokens' or 'embeds', got 'max'"):

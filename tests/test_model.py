@@ -447,7 +447,7 @@ def test_attention_kernel_choice():
     with model.attention_kernels(cpu):  # fp32 training: fused
         assert current_attention_kernel() == 'fused'
     assert current_attention_kernel() == 'fused'  # the default outside any choice
-    model.cfg.attention = 'math'
+    model.attention = 'math'
     with torch.no_grad(), model.attention_kernels(cpu):
         assert current_attention_kernel() == 'math'
     model.cfg.attention = 'flash'

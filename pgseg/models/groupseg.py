@@ -5,6 +5,7 @@ objective (:mod:`pgseg.losses.objective`) turns into losses, and the prototype b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import List, Literal, Sequence
@@ -58,10 +59,11 @@ class GroupSegModel(nn.Module):
         self.is_pgseg = cfg.arch == 'pgseg'
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.contrast_temperature)))
         self.img_encoder = GroupViTImageEncoder(
-            cfg.image, with_npr=self.is_pgseg, npr_iters=npr.em_iters, npr_momentum=npr.momentum,
-            npr_hidden_dim=npr.mapping_hidden_dim, npr_temperature=npr.temperature,
+            **dataclasses.asdict(cfg.image), with_npr=self.is_pgseg, npr_iters=npr.em_iters,
+            npr_momentum=npr.momentum, npr_hidden_dim=npr.mapping_hidden_dim, npr_temperature=npr.temperature,
             keep_mapping_text=self.is_pgseg and npr.variant == 'reference')
-        self.text_encoder = TextEncoder(cfg.text, prototypes=npr.variant if self.is_pgseg else None,
+        self.text_encoder = TextEncoder(**dataclasses.asdict(cfg.text),
+                                        prototypes=npr.variant if self.is_pgseg else None,
                                         num_prototypes=npr.num_text_prototypes, em_iters=npr.em_iters,
                                         momentum=npr.momentum)
         self.img_projector = ProjectionMLP(self.img_encoder.width, cfg.output_dim, cfg.proj_hidden_dim,
@@ -69,6 +71,9 @@ class GroupSegModel(nn.Module):
         self.text_projector = ProjectionMLP(cfg.text.width, cfg.output_dim, cfg.proj_hidden_dim, cfg.proj_num_layers)
         if cfg.multi_label > 0 and not cfg.share_temperature:
             self.multi_label_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.contrast_temperature)))
+        # what the methods read; ``cfg`` stays as the record of what was built (checkpoints, the objective's weights)
+        self.output_dim, self.context_length, self.text_width = cfg.output_dim, cfg.text.context_length, cfg.text.width
+        self.image_pooling, self.attention = cfg.image_pooling, cfg.attention
 
     # ------------------------------------------------------------------ inference
     def encode_image(self, images: torch.Tensor, with_group_embeds: bool = True) -> ImageOutput:
@@ -88,7 +93,7 @@ class GroupSegModel(nn.Module):
         """The pooled image embedding [B, D] by ``model.image_pooling``, and the projected final groups [B, G, D]
         when that pooling already computed them (``embeds``), else None. In training mode the projection head's
         BatchNorm takes its statistics from what is projected here: the B means, or the B*G groups."""
-        if self.cfg.image_pooling == 'embeds':
+        if self.image_pooling == 'embeds':
             group_embeds = self.img_projector(feats.tokens)
             return group_embeds.mean(dim=1), group_embeds
         return self.img_projector(feats.tokens.mean(dim=1)), None
@@ -112,7 +117,7 @@ class GroupSegModel(nn.Module):
         self.eval()
         try:
             chunks = [self.encode_text(trim_padding(tokenize(prompts[i:i + batch_size],
-                                                              self.cfg.text.context_length)).to(device))
+                                                              self.context_length)).to(device))
                       for i in range(0, len(prompts), batch_size)]
         finally:
             self.train(was_training)
@@ -198,7 +203,7 @@ class GroupSegModel(nn.Module):
         """The attention kernels for a forward pass (``model.attention``): pgseg's own attention (image tower,
         grouping blocks; ``models.attention``) and the SDPA backends of the text tower's ``nn.MultiheadAttention``.
         The backward pass follows the kernels the forward chose, so only forward calls need this."""
-        choice = self.cfg.attention
+        choice = self.attention
         if choice == 'auto':
             # CPU bf16 training: matmuls + softmax (float32 logits, the product with v in bf16) beat the CPU flash
             # kernel, whose backward is slow (docs/performance.md#attention-on-the-cpu); PyTorch's fused choice

@@ -7,7 +7,7 @@ per grouping stage, EM prototypes of the stage input whose reconstruction is add
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
-from ..config import ImageEncoderConfig
 from .act_checkpoint import checkpoint_same_kernels
 from .attention import Attention
 from .grouping import GroupingBlock, GroupingOutput, TokenMlp
@@ -120,64 +119,63 @@ class GroupViTImageEncoder(nn.Module):
     """The image tower. With ``with_npr`` it is PGSeg's encoder (NPR per grouping stage, ``logit_scale`` for the
     prototype loss, and the released code's unused ``mapping_text`` when ``keep_mapping_text``)."""
 
-    def __init__(self, cfg: ImageEncoderConfig, with_npr: bool = False, npr_iters: int = 10,
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
+                 embed_factors: Sequence[int] = (1, 1, 1), depths: Sequence[int] = (6, 3, 3),
+                 num_heads: Sequence[int] = (6, 6, 6), num_group_tokens: Sequence[int] = (64, 8, 0),
+                 num_output_groups: Sequence[int] = (64, 8), mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 patch_norm: bool = True, hard_assignment: bool = True, gumbel: bool = True, gumbel_tau: float = 1.0,
+                 assign_eps: float = 1.0, assign_temperature: float = 1.0, assign_gain: float = 1.0,
+                 grad_checkpointing: bool = False, with_npr: bool = False, npr_iters: int = 10,
                  npr_momentum: float = 0.9, npr_hidden_dim: int = 4096, npr_temperature: float = 0.1,
                  keep_mapping_text: bool = False):
+        """Arguments as :class:`pgseg.config.ImageEncoderConfig` (one entry per stage in ``embed_factors``,
+        ``depths``, ``num_heads``, ``num_group_tokens``; one per grouping stage in ``num_output_groups``: the config's
+        validate() checks the lengths), plus PGSeg's NPR: EM iterations, momentum, head width, temperature."""
         super().__init__()
-        n = len(cfg.depths)
-        for name in ('embed_factors', 'num_heads', 'num_group_tokens'):
-            if len(getattr(cfg, name)) != n:
-                raise ValueError(f'image encoder: {name} has {len(getattr(cfg, name))} entries, expected one per '
-                                 f'stage ({n}, from depths={cfg.depths})')
-        if len(cfg.num_output_groups) != n - 1:
-            raise ValueError(f'image encoder: num_output_groups needs {n - 1} entries (one per grouping stage), '
-                             f'got {cfg.num_output_groups}')
-        if cfg.img_size % cfg.patch_size:
-            raise ValueError(f'image encoder: img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}')
-        self.cfg = cfg
-        self.embed_dim = cfg.embed_dim
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, norm=cfg.patch_norm)
-        side = cfg.img_size // cfg.patch_size
-        self.pos_embed = nn.Parameter(torch.zeros(1, side * side, cfg.embed_dim))
+        n = len(depths)
+        self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm=patch_norm)
+        side = img_size // patch_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, side * side, embed_dim))
         trunc_normal_(self.pos_embed, std=0.02)
-        self.pos_drop = nn.Dropout(cfg.drop_rate)
-        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
-        dims = [int(cfg.embed_dim * f) for f in cfg.embed_factors]
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dims = [int(embed_dim * f) for f in embed_factors]
         self.layers = nn.ModuleList()
         for i in range(n):
             dim = dims[i]
             downsample = prototypes = projector = None
             if i < n - 1:
-                downsample = GroupingBlock(dim, dims[i + 1], cfg.num_heads[i], cfg.num_group_tokens[i],
-                                           cfg.num_output_groups[i], hard=cfg.hard_assignment,
-                                           gumbel=cfg.hard_assignment and cfg.gumbel, gumbel_tau=cfg.gumbel_tau,
-                                           assign_eps=cfg.assign_eps,
-                                           assign_temperature=cfg.assign_temperature, assign_gain=cfg.assign_gain)
-                if with_npr:
-                    if dims[i + 1] != dim:  # the reconstruction is added to the stage's tokens
-                        raise ValueError(f'image encoder: PGSeg needs equal widths around grouping stage {i} '
-                                         f'(embed_factors {cfg.embed_factors})')
-                    prototypes = ImagePrototypes(dim, dims[i + 1], cfg.num_output_groups[i], num_iters=npr_iters,
+                downsample = GroupingBlock(dim, dims[i + 1], num_heads[i], num_group_tokens[i],
+                                           num_output_groups[i], hard=hard_assignment,
+                                           gumbel=hard_assignment and gumbel, gumbel_tau=gumbel_tau,
+                                           assign_eps=assign_eps,
+                                           assign_temperature=assign_temperature, assign_gain=assign_gain)
+                if with_npr:  # the reconstruction is added to the stage's tokens: equal widths (validate())
+                    prototypes = ImagePrototypes(dim, dims[i + 1], num_output_groups[i], num_iters=npr_iters,
                                                  momentum=npr_momentum, hidden_dim=npr_hidden_dim)
-            if i > 0 and cfg.num_group_tokens[i] > 0:
+            if i > 0 and num_group_tokens[i] > 0:
                 prev = dims[i - 1]
                 projector = nn.Sequential(nn.LayerNorm(prev),
-                                          TokenMlp(cfg.num_group_tokens[i - 1], prev // 2, cfg.num_group_tokens[i]))
+                                          TokenMlp(num_group_tokens[i - 1], prev // 2, num_group_tokens[i]))
                 if dim != prev:
                     projector = nn.Sequential(projector, nn.LayerNorm(prev), nn.Linear(prev, dim, bias=False))
-            start = sum(cfg.depths[:i])
+            start = sum(depths[:i])
             self.layers.append(GroupingStage(
-                dim, cfg.depths[i], cfg.num_heads[i], cfg.num_group_tokens[i], dpr[start:start + cfg.depths[i]],
-                cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_rate, cfg.attn_drop_rate, downsample, prototypes, projector))
+                dim=dim, depth=depths[i], num_heads=num_heads[i], num_group_tokens=num_group_tokens[i],
+                drop_path=dpr[start:start + depths[i]], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, downsample=downsample,
+                prototypes=prototypes, group_projector=projector))
         self.num_features = dims[-1]
         self.norm = nn.LayerNorm(self.num_features)
         if keep_mapping_text:  # declared but never used by the released PGSeg; kept only so its files load strictly
-            self.mapping_text = ProjectionMLP(cfg.embed_dim, 256, hidden_dim=npr_hidden_dim)
+            self.mapping_text = ProjectionMLP(embed_dim, 256, hidden_dim=npr_hidden_dim)
             self.mapping_text.requires_grad_(False)
         self.apply(self._init_weights)
         if with_npr:
             self.logit_scale = nn.Parameter(torch.tensor(float(-torch.log(torch.tensor(npr_temperature)))))
-        self.set_grad_checkpointing(cfg.grad_checkpointing)
+        self.set_grad_checkpointing(grad_checkpointing)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

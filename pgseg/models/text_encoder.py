@@ -6,7 +6,6 @@ from typing import Literal
 import torch
 from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 
-from ..config import TextEncoderConfig
 from .act_checkpoint import checkpoint_same_kernels
 from .npr import ScalarTextPrototypes, TokenPrototypes
 
@@ -25,16 +24,19 @@ class TextEncoder(TextTransformer):
     prototypes (key ``token_prototypes.mu``).
     """
 
-    def __init__(self, cfg: TextEncoderConfig, prototypes: Literal['reference', 'paper'] | None = None,
+    def __init__(self, context_length: int = 77, width: int = 256, layers: int = 12, heads: int | None = None,
+                 vocab_size: int = 49408, prototypes: Literal['reference', 'paper'] | None = None,
                  num_prototypes: int = 8, em_iters: int = 10, momentum: float = 0.9):
-        heads = cfg.heads if cfg.heads is not None else max(1, cfg.width // 64)
-        super().__init__(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width,
-                         heads=heads, layers=cfg.layers, output_dim=None, act_layer=QuickGELU,
+        """Arguments as :class:`pgseg.config.TextEncoderConfig` (``heads=None``: width // 64, as the official
+        code), plus the text prototypes of PGSeg's NPR variant and their EM settings."""
+        heads = heads if heads is not None else max(1, width // 64)
+        super().__init__(context_length=context_length, vocab_size=vocab_size, width=width,
+                         heads=heads, layers=layers, output_dim=None, act_layer=QuickGELU,
                          norm_layer=LayerNorm, pool_type='argmax')
         if prototypes == 'reference':
             self.Atten = ScalarTextPrototypes(num_prototypes, em_iters, momentum)
         elif prototypes == 'paper':
-            self.token_prototypes = TokenPrototypes(cfg.width, num_prototypes, em_iters, momentum)
+            self.token_prototypes = TokenPrototypes(width, num_prototypes, em_iters, momentum)
         elif prototypes is not None:
             raise ValueError(f"text encoder: prototypes must be 'reference', 'paper' or None, got {prototypes!r}")
 

@@ -183,9 +183,9 @@ class GroupSegDenseBackbone(DenseBackbone):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.embed_dim = int(model.cfg.output_dim)
-        self.token_dim = int(model.cfg.text.width)
-        self.context_length = int(model.cfg.text.context_length)
+        self.embed_dim = int(model.output_dim)
+        self.token_dim = int(model.text_width)
+        self.context_length = int(model.context_length)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         self.logit_scale = float(model.logit_scale.detach().exp())
         self.freeze()
