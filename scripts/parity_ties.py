@@ -11,7 +11,7 @@ each covering window's two leading groups and their gap, and the winners the fix
 of the leading candidates whose averaged scores reproduce the fixture's pixel best. A gap far below the group maps'
 float32 error (about 1e-6 relative here) means no float32 implementation decides that pixel reliably.
 
-usage: python scripts/parity_ties.py [DIR] [--tol 2e-3]     (DIR defaults to ../shared/parity)
+usage: python scripts/parity_ties.py DIR [--tol 2e-3]     (DIR: the folder of the parity fixtures)
 """
 from __future__ import annotations
 
@@ -27,8 +27,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 
 import pgseg  # noqa: E402
 from pgseg.eval.inference import background_threshold, crop_assignment, slide_windows  # noqa: E402
-
-DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'parity')
 
 
 @torch.no_grad()
@@ -80,7 +78,7 @@ def explain_pixel(models: dict, image: torch.Tensor, class_embeds: torch.Tensor,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('folder', nargs='?', default=DEFAULT_DIR, help='folder of <variant>_<set>[_expected].pt(h)')
+    ap.add_argument('folder', help='the parity fixtures: <variant>_<set>[_expected].pt(h)')
     ap.add_argument('--tol', type=float, default=2e-3, help="check_parity.py's slide_logits tolerance")
     ap.add_argument('--max-pixels', type=int, default=10, help='explain at most this many pixels per fixture')
     args = ap.parse_args(argv)

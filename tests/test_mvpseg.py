@@ -267,7 +267,7 @@ def test_eval_and_segment_accept_prompts(synthetic_root, tmp_path):
 
 def test_every_mvpseg_config_loads():
     from pgseg.mvpseg.config import load_prompt_config
-    from pgseg.mvpseg.protocols import SPLITS
+    from pgseg.mvpseg.splits import SPLITS
     configs = sorted(f for f in os.listdir(os.path.join(ROOT, 'configs')) if f.startswith('mvpseg_'))
     assert len(configs) >= 5
     for name in configs:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..losses import clamp_logit_scale
 
-__all__ = ['window_slices', 'slide_windows', 'channel_argmax', 'group_class_affinity', 'crop_assignment',
+__all__ = ['window_slices', 'slide_windows', 'rgb_array', 'channel_argmax', 'group_class_affinity', 'crop_assignment',
            'background_threshold', 'crop_logits', 'slide_logits', 'rescale_image', 'preprocess_image',
            'predict_labels', 'pamr']
 
@@ -138,10 +138,15 @@ MMSEG_MEAN = (123.675, 116.28, 103.53)
 MMSEG_STD = (58.395, 57.12, 57.375)
 
 
+def rgb_array(image) -> np.ndarray:
+    """A PIL image (any mode) or an RGB array [H, W, 3] -> uint8 RGB array [H, W, 3]."""
+    return np.asarray(image.convert('RGB') if hasattr(image, 'convert') else image)
+
+
 def rescale_image(image, short_side: int = 448, long_side: int = 2048) -> torch.Tensor:
     """RGB PIL image or uint8 [H, W, 3] -> float [1, 3, h, w] in 0..255, resized as mmcv's ``imrescale``: scale =
     min(long_side / long edge, short_side / short edge), sizes rounded, bilinear without antialiasing, back to uint8."""
-    arr = np.asarray(image.convert('RGB') if hasattr(image, 'convert') else image)
+    arr = rgb_array(image)
     h, w = arr.shape[:2]
     scale = min(long_side / max(h, w), short_side / min(h, w))
     size = (int(h * scale + 0.5), int(w * scale + 0.5))
@@ -168,7 +173,7 @@ def predict_labels(model, image, class_embeds: torch.Tensor, bg_thresh: float | 
     Resize (protocol.short_side), sliding windows, bilinear resize of the averaged scores to the original size,
     optional PAMR, argmax (the official softmax before the argmax changes nothing).
     """
-    arr = np.asarray(image.convert('RGB') if hasattr(image, 'convert') else image)
+    arr = rgb_array(image)
     x = preprocess_image(arr, protocol.short_side, protocol.long_side).to(device)
     with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):

@@ -21,8 +21,8 @@ from .learner import (
     segmentation_loss,
 )
 from .prompt_file import load_prompt_classifier, load_prompts, save_prompts
-from .protocols import SPLITS, harmonic_iou, resolve_split, resolve_unseen, seen_unseen_metrics
 from .segmenter import PromptSegmenter
+from .splits import SPLITS, harmonic_iou, resolve_split, resolve_unseen, seen_unseen_metrics
 
 __all__ = ['BackboneConfig', 'DenseBackbone', 'ClipDenseBackbone', 'GroupSegDenseBackbone', 'build_backbone',
            'PromptConfig', 'MultiViewPrompts', 'TemplateClassifier', 'PixelLogits', 'orthogonality_loss',

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..eval.datasets import SegmentationDataset
-from ..eval.inference import rescale_image, window_slices
+from ..eval.inference import rescale_image, rgb_array, slide_windows
 from ..eval.metrics import confusion_matrix
 from ..runtime.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process
 from .backbones import DenseBackbone
 from .learner import refined_log_probs
-from .protocols import seen_unseen_metrics
+from .splits import seen_unseen_metrics
 
 __all__ = ['SlideSettings', 'predict_image', 'evaluate_seen_unseen']
 
@@ -44,14 +43,13 @@ def predict_image(backbone: DenseBackbone, classifier, text: torch.Tensor, image
                   device: torch.device | str = 'cpu', autocast_dtype: torch.dtype | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One RGB image -> (labels [H, W] over the classes of ``text``, log-probabilities [C, H, W])."""
-    arr = np.asarray(image.convert('RGB') if hasattr(image, 'convert') else image)
+    arr = rgb_array(image)
     x = backbone.normalize(rescale_image(arr, settings.short_side, settings.long_side).to(device) / 255.0)
     S = settings.crop_size
     _, _, H, W = x.shape
     ph, pw = max(S - H, 0), max(S - W, 0)
     x = F.pad(x, (0, pw, 0, ph))  # zeros = the mean colour after normalisation
-    rows, cols = window_slices(x.shape[2], S, settings.stride), window_slices(x.shape[3], S, settings.stride)
-    boxes = [(r, c) for r in rows for c in cols]
+    boxes = slide_windows(x.shape[2], x.shape[3], S, settings.stride)  # the zero-shot rule's windows
     total = torch.zeros(text.shape[1], x.shape[2], x.shape[3], device=device)
     count = torch.zeros(1, x.shape[2], x.shape[3], device=device)
     for i in range(0, len(boxes), settings.batch_windows):

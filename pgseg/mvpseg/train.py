@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 
 import torch
 from torch.utils.data import DataLoader
@@ -44,7 +43,7 @@ from .data import EpochBatchSampler, SeenPixelDataset
 from .inference import SlideSettings, evaluate_seen_unseen
 from .learner import MultiViewPrompts, TemplateClassifier, presence_loss, segmentation_loss
 from .prompt_file import save_prompts
-from .protocols import resolve_split
+from .splits import resolve_split
 
 log = logging.getLogger('pgseg.mvpseg')
 
@@ -211,8 +210,3 @@ def format_comparison(results: dict) -> str:
             r = results[kind]
             rows.append(f"{label:<28}{r['miou_seen']:>9.2f}{r['miou_unseen']:>9.2f}{r['hiou']:>8.2f}{r['miou']:>8.2f}")
     return '\n'.join(rows)
-
-
-if __name__ == '__main__':  # ``torchrun -m pgseg.mvpseg.train`` as before; the command is pgseg.prompt_train
-    from ..prompt_train import main
-    sys.exit(main())
