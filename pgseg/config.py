@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Literal, Sequence
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 __all__ = [
@@ -243,12 +243,25 @@ def validate(cfg: Any, prefix: str = '') -> None:
     if isinstance(cfg, ModelConfig) and not prefix:
         prefix = 'model.'
     _check_literals(cfg, prefix)
-    if isinstance(cfg, TrainConfig) and cfg.train.fit_schedule_to_time_limit and cfg.train.time_limit_minutes is None:
-        raise ConfigError('train.fit_schedule_to_time_limit=true needs train.time_limit_minutes (the budget the '
-                          'schedule is fitted to)')
+    if isinstance(cfg, TrainConfig):
+        _validate_train(cfg)
     model = cfg if isinstance(cfg, ModelConfig) else getattr(cfg, 'model', None)
     if isinstance(model, ModelConfig):
         _validate_model(model, prefix if isinstance(cfg, ModelConfig) else prefix + 'model.')
+
+
+def _validate_train(cfg: TrainConfig) -> None:
+    at_least_one = {'data.batch_size': cfg.data.batch_size, 'train.grad_accum_steps': cfg.train.grad_accum_steps,
+                    'train.epochs': cfg.train.epochs, 'log.every_steps': cfg.log.every_steps,
+                    'train.max_nonfinite_steps': cfg.train.max_nonfinite_steps}
+    for key, value in at_least_one.items():
+        if value < 1:
+            raise ConfigError(f'{key}={value}: must be at least 1')
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f'data.num_workers={cfg.data.num_workers}: must be 0 (load in the main process) or more')
+    if cfg.train.fit_schedule_to_time_limit and cfg.train.time_limit_minutes is None:
+        raise ConfigError('train.fit_schedule_to_time_limit=true needs train.time_limit_minutes (the budget the '
+                          'schedule is fitted to)')
 
 
 def _check_literals(cfg: Any, prefix: str) -> None:
@@ -305,7 +318,7 @@ def _validate_model(cfg: ModelConfig, key: str = 'model.') -> None:
 
 def _config_error(exc: Exception, where: str) -> ConfigError:
     key = getattr(exc, 'full_key', None) or getattr(exc, 'key', None)
-    msg = getattr(exc, 'msg', None) or str(exc).splitlines()[0]
+    msg = (getattr(exc, 'msg', None) or str(exc)).splitlines()[0]
     return ConfigError(f'{where}: invalid config at key {key!r}: {msg}' if key else f'{where}: {msg}')
 
 
@@ -313,6 +326,9 @@ def _merge(schema: Any, sources: Sequence[tuple[str, Any]]) -> Any:
     """Merge each (description, DictConfig-like) source onto the structured schema, then convert to dataclasses."""
     cfg = OmegaConf.structured(schema)
     for where, src in sources:
+        if isinstance(src, _Overrides):
+            cfg = _apply_overrides(cfg, src)
+            continue
         try:
             cfg = OmegaConf.merge(cfg, src)
         except (oc_errors.OmegaConfBaseException, ValueError) as exc:
@@ -364,25 +380,48 @@ def _read_yaml(path: str | os.PathLike) -> DictConfig:
         raise ConfigError(f'{path}: cannot parse YAML: {exc}') from None
 
 
-def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+@dataclass
+class _Overrides:
+    """``key=value`` overrides, each applied in place to the merged config (so a key may index a list:
+    ``data.sources.0.length=null``)."""
+    items: list[tuple[str, str, Any]]  # (the override as typed, key, value parsed as YAML)
+
+
+def _parse_overrides(overrides: Sequence[str]) -> _Overrides:
+    items = []
     for item in overrides:
         if '=' not in item:
             raise ConfigError(f'override {item!r} must have the form key=value (e.g. optim.lr=1e-4)')
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except oc_errors.OmegaConfBaseException as exc:
-        raise _config_error(exc, 'command line') from None
-    except yaml.YAMLError:  # a value that is not YAML: name the override it is in
-        for item in overrides:
-            try:
-                OmegaConf.from_dotlist([item])
-            except yaml.YAMLError as exc:
-                key = item.split('=', 1)[0]
-                raise ConfigError(f'override {item!r}: the value of {key} is not valid YAML '
-                                  f'({getattr(exc, "problem", None) or exc}); inside {{...}} and [...] write '
-                                  "'key: value' with a space after each colon, and quote the whole override "
-                                  'for the shell') from None
-        raise
+        key, value = item.split('=', 1)
+        try:  # the value as omegaconf's dotlist reads it (YAML), interpolations kept for later
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f'value={value}']), resolve=False)['value']
+        except yaml.YAMLError as exc:
+            raise ConfigError(f'override {item!r}: the value of {key} is not valid YAML '
+                              f'({getattr(exc, "problem", None) or exc}); inside {{...}} and [...] write '
+                              "'key: value' with a space after each colon, and quote the whole override "
+                              'for the shell') from None
+        except oc_errors.OmegaConfBaseException as exc:
+            raise _config_error(exc, f'override {item!r}') from None
+        items.append((item, key, parsed))
+    return _Overrides(items)
+
+
+def _apply_overrides(cfg: DictConfig, overrides: _Overrides) -> DictConfig:
+    for item, key, value in overrides.items:
+        parts = key.split('.')
+        for i, part in enumerate(parts[1:], start=1):  # an index into a list must name an existing entry
+            parent = OmegaConf.select(cfg, '.'.join(parts[:i]), default=None)
+            if isinstance(parent, ListConfig) and part.isdigit() and int(part) >= len(parent):
+                raise ConfigError(f'command line: override {item!r}: {".".join(parts[:i])} has {len(parent)} '
+                                  f'entries (0-{len(parent) - 1}); set the whole list to add one')
+        try:
+            OmegaConf.update(cfg, key, value, merge=True, force_add=False)
+        except (oc_errors.OmegaConfBaseException, ValueError, TypeError, IndexError, KeyError) as exc:
+            if isinstance(exc, oc_errors.OmegaConfBaseException) and (getattr(exc, 'full_key', None)
+                                                                       or getattr(exc, 'key', None)):
+                raise _config_error(exc, 'command line') from None
+            raise ConfigError(f'command line: override {item!r}: {str(exc).splitlines()[0]}') from None
+    return cfg
 
 
 def load_structured(schema: type, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Any:

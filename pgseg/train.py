@@ -23,7 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .checkpoint import CheckpointError, load_model, load_state_into
+from .checkpoint import CheckpointError, load_checkpoint, load_model, load_state_into
 from .checkpoint.format import write_model_files
 from .config import ConfigError, TrainConfig, config_to_dict, config_to_yaml, load_config, validate
 from .data.text import CaptionTokenizer, trim_padding
@@ -43,7 +43,7 @@ from .runtime.distributed import (
     is_main_process,
 )
 from .runtime.precision import resolve_precision
-from .training.checkpoints import CheckpointWriter, load_train_state, resolve_resume, restore_rank
+from .training.checkpoints import CheckpointWriter, load_resume_point, restore_rank
 from .training.logger import MetricsLogger
 from .training.loop import Harness, LoopSettings, write_run_files
 from .training.optim import build_optimizer, build_scheduler, scaled_lrs, shorten_schedule
@@ -143,9 +143,9 @@ def build_run(cfg: TrainConfig, device: torch.device, local_rank: int, precision
     scaler = torch.amp.GradScaler('cuda') if precision == 'fp16' else None
     run = Pretraining(cfg, device, precision, model, objective, optimizer, scheduler, scaler, stream, loader,
                       RunState(), StreamPosition(), total_steps, steps_per_epoch, eval_hook)
-    resume = resolve_resume(cfg.checkpoint.resume, os.path.abspath(cfg.train.output_dir))
-    if resume:
-        _resume(run, resume)
+    point = load_resume_point(cfg.checkpoint.resume, os.path.abspath(cfg.train.output_dir), _read_resume_point)
+    if point:
+        _resume(run, *point)
     # gradients as views of the communication buckets (no copy) and a static graph (the same parameters are used
     # every step): about 10% of a small model's CPU step under gloo
     if world > 1:
@@ -159,12 +159,16 @@ def build_run(cfg: TrainConfig, device: torch.device, local_rank: int, precision
     return run
 
 
-def _resume(run: Pretraining, path: str) -> None:
+def _read_resume_point(path: str) -> tuple[dict, dict]:
+    """(weights, training state) of checkpoint ``path``; a damaged file is a CheckpointError naming it."""
+    weights, _, saved = load_checkpoint(path)
+    return weights, saved
+
+
+def _resume(run: Pretraining, path: str, loaded: tuple[dict, dict]) -> None:
     """Model, optimizer, schedule, scaler, counters, this rank's RNG and data position from checkpoint ``path``;
     with another world size, RNG and data restart at the current epoch's beginning."""
-    from .checkpoint import load_checkpoint
-    weights, _, _ = load_checkpoint(path)
-    saved = load_train_state(path)
+    weights, saved = loaded
     load_state_into(run.model, weights, source=path)
     run.model.to(run.device)
     run.optimizer.load_state_dict(saved['optimizer'])
@@ -191,8 +195,9 @@ def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:
     device, local_rank = init_distributed()
     precision = resolve_precision(cfg.train.precision, device)  # 'auto' -> bf16 where native (runtime.precision)
     run_dir = os.path.abspath(cfg.train.output_dir)
-    write_run_files(run_dir, config_to_yaml(cfg), {**environment_info(get_world_size()), 'precision': precision})
     r = build_run(cfg, device, local_rank, precision, eval_hook)
+    # the run's record is written once the run is known to start: a failed start leaves an existing run's alone
+    write_run_files(run_dir, config_to_yaml(cfg), {**environment_info(get_world_size()), 'precision': precision})
     writer = CheckpointWriter(run_dir, cfg.checkpoint.keep_last, lambda folder: write_model_files(folder, r.model, cfg))
     logger = MetricsLogger(run_dir, enabled=is_main_process(), wandb_mode=cfg.log.wandb_mode,
                            project=cfg.log.wandb_project, name=cfg.log.wandb_name, tags=cfg.log.wandb_tags,

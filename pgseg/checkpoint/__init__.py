@@ -22,7 +22,9 @@ from .format import (
     WEIGHTS_NAME,
     find_latest,
     is_pgseg_dir,
+    list_checkpoints,
     load_checkpoint,
+    read_train_state,
     save_checkpoint,
     write_dir_atomically,
 )
@@ -32,7 +34,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ['UnsafeCheckpointError', 'CheckpointError', 'LoadReport', 'read_official_checkpoint',
            'model_config_from_official', 'infer_model_config', 'load_state_into', 'save_checkpoint',
-           'load_checkpoint', 'load_model', 'find_latest', 'write_dir_atomically', 'NPR_ONLY_KEY', 'WEIGHTS_NAME',
+           'load_checkpoint', 'load_model', 'find_latest', 'list_checkpoints', 'read_train_state',
+           'write_dir_atomically', 'NPR_ONLY_KEY', 'WEIGHTS_NAME',
            'CONFIG_NAME', 'STATE_NAME']
 
 # Keys a GroupViT file lacks when loaded into the PGSeg architecture, plus pgseg's paper buffers

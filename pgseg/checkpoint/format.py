@@ -22,7 +22,7 @@ from ..config import ConfigError, ModelConfig, TrainConfig, config_to_yaml, load
 from .errors import CheckpointError
 
 __all__ = ['WEIGHTS_NAME', 'CONFIG_NAME', 'STATE_NAME', 'is_pgseg_dir', 'write_dir_atomically', 'write_model_files',
-           'save_checkpoint', 'load_checkpoint', 'find_latest']
+           'save_checkpoint', 'load_checkpoint', 'read_train_state', 'find_latest', 'list_checkpoints']
 
 WEIGHTS_NAME, CONFIG_NAME, STATE_NAME = 'model.safetensors', 'config.yaml', 'train_state.pt'
 
@@ -82,22 +82,45 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
         model_cfg = load_model_config(os.path.join(path, CONFIG_NAME))
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
-    state = load_safetensors(os.path.join(path, WEIGHTS_NAME))
+    state = _read(path, WEIGHTS_NAME, load_safetensors)
     train_state = None
     if os.path.isfile(os.path.join(path, STATE_NAME)):
-        train_state = torch.load(os.path.join(path, STATE_NAME), map_location='cpu', weights_only=True)
+        train_state = read_train_state(path)
     return state, model_cfg, train_state
+
+
+def read_train_state(path: str | os.PathLike) -> dict:
+    """The training state of checkpoint directory ``path`` (``train_state.pt``, weights-only)."""
+    return _read(path, STATE_NAME, lambda f: torch.load(f, map_location='cpu', weights_only=True))
+
+
+def _read(folder: str | os.PathLike, name: str, reader: Callable[[str], object]):
+    """``reader(folder/name)``; a damaged file (truncated, garbage) is a CheckpointError naming it."""
+    file = os.path.join(os.fspath(folder), name)
+    try:
+        return reader(file)
+    except FileNotFoundError:
+        raise CheckpointError(f'{folder}: {name} is missing') from None
+    except Exception as exc:  # safetensors, pickle and zip readers each raise their own types for a damaged file
+        raise CheckpointError(f'{folder}: {name} cannot be read ({type(exc).__name__}: '
+                              f'{str(exc).splitlines()[0] if str(exc) else "damaged"})') from None
 
 
 def find_latest(run_dir: str | os.PathLike, marker: str = WEIGHTS_NAME) -> str | None:
     """The newest complete checkpoint directory ``ckpt-<step>`` in ``run_dir`` (by step; complete = it holds
     ``marker``), or None."""
+    found = list_checkpoints(run_dir, marker)
+    return found[0] if found else None
+
+
+def list_checkpoints(run_dir: str | os.PathLike, marker: str = WEIGHTS_NAME) -> list[str]:
+    """The complete checkpoint directories ``ckpt-<step>`` of ``run_dir`` (they hold ``marker``), newest first."""
     run_dir = os.fspath(run_dir)
     if not os.path.isdir(run_dir):
-        return None
+        return []
     found = []
     for name in os.listdir(run_dir):
         m = re.fullmatch(r'ckpt-(\d+)', name)
         if m and os.path.isfile(os.path.join(run_dir, name, marker)):
             found.append((int(m.group(1)), os.path.join(run_dir, name)))
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found, reverse=True)]

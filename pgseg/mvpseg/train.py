@@ -19,6 +19,7 @@ import shutil
 import torch
 from torch.utils.data import DataLoader
 
+from ..checkpoint import CheckpointError
 from ..config import config_to_dict, config_to_yaml
 from ..eval.datasets import build_dataset
 from ..eval.templates import get_templates
@@ -31,7 +32,7 @@ from ..runtime.distributed import (
     is_main_process,
 )
 from ..runtime.precision import resolve_precision
-from ..training.checkpoints import CheckpointWriter, load_train_state, resolve_resume, restore_rank
+from ..training.checkpoints import CheckpointWriter, load_resume_point, load_train_state, restore_rank
 from ..training.logger import MetricsLogger
 from ..training.loop import Harness, LoopSettings, write_run_files
 from ..training.optim import build_scheduler
@@ -73,7 +74,6 @@ def run(cfg: PromptTrainConfig) -> dict:
     # 'auto' -> bf16 where native, else fp32 (pgseg.runtime.precision)
     precision = resolve_precision(cfg.train.precision, device, gpu_fallback='fp32')
     run_dir = os.path.abspath(cfg.train.output_dir)
-    write_run_files(run_dir, config_to_yaml(cfg))
     torch.manual_seed(cfg.train.seed)
 
     backbone = build_backbone(cfg.backbone).to(device)
@@ -90,10 +90,9 @@ def run(cfg: PromptTrainConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.warmup_lr,
                                 cfg.optim.min_lr)
     state = RunState()
-    resume = resolve_resume(cfg.checkpoint.resume, run_dir)
-    if resume:
-        saved = load_train_state(resume)
-        prompts = torch.load(os.path.join(resume, 'prompts.pt'), map_location='cpu', weights_only=True)
+    point = load_resume_point(cfg.checkpoint.resume, run_dir, _read_resume_point)
+    if point:
+        resume, (saved, prompts) = point
         learner.load_state_dict(prompts['state_dict'])
         optimizer.load_state_dict(saved['optimizer'])
         scheduler.load_state_dict(saved['scheduler'])
@@ -108,6 +107,8 @@ def run(cfg: PromptTrainConfig) -> dict:
                                 start_epoch=state.step // per_epoch, start_batch=state.step % per_epoch)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                         pin_memory=device.type == 'cuda', prefetch_factor=4 if cfg.data.num_workers else None)
+    # the run's record is written once the run is known to start: a failed start leaves an existing run's alone
+    write_run_files(run_dir, config_to_yaml(cfg))
     logger = MetricsLogger(run_dir, enabled=is_main_process(), wandb_mode=cfg.log.wandb_mode,
                            project=cfg.log.wandb_project, name=cfg.log.wandb_name, tags=cfg.log.wandb_tags,
                            config=json.loads(json.dumps(config_to_dict(cfg))), resume_id=state.wandb_id)
@@ -157,6 +158,15 @@ def run(cfg: PromptTrainConfig) -> dict:
         print(f'wrote {run_dir}/prompts.pt and results.json')
     harness.close()
     return results
+
+
+def _read_resume_point(path: str) -> tuple[dict, dict]:
+    """(training state, prompts payload) of checkpoint ``path``; a damaged file is a CheckpointError naming it."""
+    try:
+        prompts = torch.load(os.path.join(path, 'prompts.pt'), map_location='cpu', weights_only=True)
+    except Exception as exc:  # a truncated or garbage file: each reader raises its own type
+        raise CheckpointError(f'{path}: prompts.pt cannot be read ({type(exc).__name__})') from None
+    return load_train_state(path), prompts
 
 
 def _prompt_step(learner, backbone, params, optimizer, images, labels, seen_names, cfg, precision):

@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from ..config import ConfigError
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -43,6 +45,9 @@ def resolve_precision(precision: str, device: torch.device | str, key: str = 'tr
         log.info('%s=auto: %s on %s (%s)', key, resolved, device.type,
                  'native bf16' if native else 'no native bf16 matmul')
         return resolved
+    if precision == 'fp16' and device.type != 'cuda':  # autocast fp16 and its grad scaler are for GPUs
+        raise ConfigError(f'{key}=fp16 needs a GPU (this process runs on the {device.type}); use {key}=auto '
+                          f'(bf16 where native, else fp32) or {key}=fp32')
     if precision == 'bf16' and not native:
         fallback = gpu_fallback if device.type == 'cuda' else 'fp32'
         warn_emulated_bf16(device, f'{key}=bf16', f'{key}=auto picks {fallback} here')

@@ -3,36 +3,67 @@ RNG and data position, the newest ``keep_last`` kept (``ckpt-best`` apart), and 
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
-from ..checkpoint import STATE_NAME, CheckpointError, find_latest, write_dir_atomically
+from ..checkpoint import STATE_NAME, CheckpointError, list_checkpoints, read_train_state, write_dir_atomically
 from ..runtime.distributed import all_gather_object, barrier, get_world_size, is_main_process
 from .state import RunState, capture_rng, restore_rng
 
-__all__ = ['CheckpointWriter', 'resolve_resume', 'load_train_state', 'restore_rank', 'prune_checkpoints']
+__all__ = ['CheckpointWriter', 'resolve_resume', 'resume_candidates', 'load_resume_point', 'load_train_state',
+           'restore_rank', 'prune_checkpoints']
+
+log = logging.getLogger(__name__)
+T = TypeVar('T')
 
 
 def resolve_resume(resume: str | None, run_dir: str, marker: str = STATE_NAME) -> str | None:
     """The checkpoint to resume from: ``auto`` the newest complete ``ckpt-<step>`` of ``run_dir`` (None in a new
     run), a checkpoint directory, or None (``none``, ``null``, empty)."""
+    candidates = resume_candidates(resume, run_dir, marker)
+    return candidates[0] if candidates else None
+
+
+def resume_candidates(resume: str | None, run_dir: str, marker: str = STATE_NAME) -> list[str]:
+    """The checkpoints to try, in order: with ``auto`` every complete ``ckpt-<step>`` of ``run_dir``, newest first
+    (a damaged one gives way to the one before it); an explicit directory alone; none for ``none``."""
     if resume in (None, '', 'none', 'null'):
-        return None
+        return []
     if resume == 'auto':
-        return find_latest(run_dir, marker)
+        return list_checkpoints(run_dir, marker)
     if not os.path.isdir(resume):
         raise CheckpointError(f'checkpoint.resume={resume!r}: no such checkpoint directory')
     if not os.path.isfile(os.path.join(resume, marker)):
         raise CheckpointError(f'checkpoint.resume={resume!r}: no {marker} there (not a training checkpoint)')
-    return resume
+    return [resume]
+
+
+def load_resume_point(resume: str | None, run_dir: str, load: Callable[[str], T], marker: str = STATE_NAME
+                      ) -> tuple[str, T] | None:
+    """``(path, load(path))`` of the checkpoint a run continues from, or None for a fresh start. With ``auto`` a
+    checkpoint that cannot be read (a truncated file) is reported and the previous complete one is tried; an explicit
+    checkpoint that cannot be read is a :class:`CheckpointError` naming it."""
+    candidates = resume_candidates(resume, run_dir, marker)
+    for path in candidates:
+        try:
+            return path, load(path)
+        except CheckpointError as exc:
+            if resume != 'auto':
+                raise
+            log.warning('cannot resume from %s (%s); trying the checkpoint before it', path, exc)
+    if candidates:
+        raise CheckpointError(f'checkpoint.resume=auto: none of the {len(candidates)} checkpoints in {run_dir} can be '
+                              f'read; resume from none (checkpoint.resume=none) to start afresh')
+    return None
 
 
 def load_train_state(path: str) -> dict:
     """The training state of checkpoint ``path`` (``train_state.pt``: run counters, optimizer, schedule, ranks)."""
-    return torch.load(os.path.join(path, STATE_NAME), map_location='cpu', weights_only=True)
+    return read_train_state(path)
 
 
 def restore_rank(saved: dict, rank: int, world: int) -> dict | None:
