@@ -43,7 +43,7 @@ from .runtime.distributed import (
     is_main_process,
 )
 from .runtime.precision import resolve_precision
-from .training.checkpoints import CheckpointWriter, load_resume_point, restore_rank
+from .training.checkpoints import CheckpointWriter, claim_run_directory, load_resume_point, restore_rank
 from .training.logger import MetricsLogger
 from .training.loop import Harness, LoopSettings, write_run_files
 from .training.optim import build_optimizer, build_scheduler, scaled_lrs, shorten_schedule
@@ -94,8 +94,14 @@ class Pretraining:
         return {'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
                 'scaler': self.scaler.state_dict() if self.scaler else None}
 
+    skipped_epoch_start: dict | None = None  # this rank's skip counters when the current epoch began
+
     def rank_state(self) -> dict:
-        return {'position': self.position.state_dict()}
+        """What each rank saves of its own: data position and skip counters (the run's total, and at the start of
+        the epoch, which a resume with another world size replays)."""
+        start = self.skipped_epoch_start if self.skipped_epoch_start is not None else self.state.skipped
+        return {'position': self.position.state_dict(), 'skipped': dict(self.state.skipped),
+                'skipped_epoch_start': dict(start)}
 
 
 def _steps_per_epoch(cfg: TrainConfig, sources, global_batch: int) -> int:
@@ -179,10 +185,20 @@ def _resume(run: Pretraining, path: str, loaded: tuple[dict, dict]) -> None:
     mine = restore_rank(saved, get_rank(), get_world_size())
     if mine is not None:
         run.position = StreamPosition.from_state(mine['position'])
+        run.state.skipped = dict(mine.get('skipped', run.state.skipped))  # each rank's own counters
+        run.skipped_epoch_start = mine.get('skipped_epoch_start')
     else:
         log.warning('resuming %d ranks from a %d-rank checkpoint: RNG and data position restart at epoch %d',
                     get_world_size(), saved['world_size'], run.state.epoch)
         run.position = StreamPosition(epoch=run.state.epoch)
+        # the epoch replays from its start: the counters as they stood then, all ranks' on rank 0 (the sum is kept)
+        starts = [rank.get('skipped_epoch_start') for rank in saved['ranks']]
+        if all(start is not None for start in starts):
+            total: dict[str, int] = {}
+            for start in starts:
+                for k, v in start.items():
+                    total[k] = total.get(k, 0) + int(v)
+            run.state.skipped = total if get_rank() == 0 else {}
     log.info('resumed from %s at step %d (epoch %d)', path, run.state.step, run.state.epoch)
     run.total_steps = run.state.total_steps or run.total_steps  # a schedule fitted to the time limit keeps its length
 
@@ -195,6 +211,12 @@ def run(cfg: TrainConfig, eval_hook: Callable | None = None) -> RunState:
     device, local_rank = init_distributed()
     precision = resolve_precision(cfg.train.precision, device)  # 'auto' -> bf16 where native (runtime.precision)
     run_dir = os.path.abspath(cfg.train.output_dir)
+    with claim_run_directory(run_dir):  # one live run per directory; temporaries of dead ones removed
+        return _run(cfg, device, local_rank, precision, run_dir, eval_hook)
+
+
+def _run(cfg: TrainConfig, device: torch.device, local_rank: int, precision: str, run_dir: str,
+         eval_hook: Callable | None) -> RunState:
     r = build_run(cfg, device, local_rank, precision, eval_hook)
     # the run's record is written once the run is known to start: a failed start leaves an existing run's alone
     write_run_files(run_dir, config_to_yaml(cfg), {**environment_info(get_world_size()), 'precision': precision})
@@ -222,7 +244,10 @@ def train_loop(r: Pretraining, h: Harness) -> None:
     """Epochs of steps until the harness says stop; each step is followed by its cadences: the schedule fit, log,
     group maps, evaluation, checkpoint."""
     cfg, state = r.cfg, r.state
+    # this rank's counters so far, to which the workers' counts of the samples they deliver from here are added
     skip_base, worker_skips, micro, fixed_batch = dict(state.skipped), {}, [], None
+    if r.skipped_epoch_start is None:
+        r.skipped_epoch_start = dict(state.skipped)
     fit = cfg.train.fit_schedule_to_time_limit and state.total_steps is None and state.step < FIT_FROM
     probe_start = None
     r.scheduler.step_update(state.step)
@@ -270,6 +295,7 @@ def train_loop(r: Pretraining, h: Harness) -> None:
             r.position.next_epoch()
             state.epoch += 1
             skip_base, worker_skips = dict(state.skipped), {}
+            r.skipped_epoch_start = dict(state.skipped)
     h.finish(r.train_state(), r.rank_state())
 
 

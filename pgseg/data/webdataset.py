@@ -235,6 +235,7 @@ class TrainStream(IterableDataset):
         for _ in range(skip):  # exact resume: the same samples, not decoded again
             next(stream)
             delivered += 1
+        counts.clear()  # what the passage over them counted (damaged tar members) was counted before the checkpoint
         for batch_index in range(done, self.worker_batches(worker)):
             images, tokens, keys = [], [], []
             while len(images) < self.batch_size:

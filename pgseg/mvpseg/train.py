@@ -32,7 +32,13 @@ from ..runtime.distributed import (
     is_main_process,
 )
 from ..runtime.precision import resolve_precision
-from ..training.checkpoints import CheckpointWriter, load_resume_point, load_train_state, restore_rank
+from ..training.checkpoints import (
+    CheckpointWriter,
+    claim_run_directory,
+    load_resume_point,
+    load_train_state,
+    restore_rank,
+)
 from ..training.logger import MetricsLogger
 from ..training.loop import Harness, LoopSettings, write_run_files
 from ..training.optim import build_scheduler
@@ -70,10 +76,15 @@ def prompt_losses(learner: MultiViewPrompts, backbone, images: torch.Tensor, lab
 def run(cfg: PromptTrainConfig) -> dict:
     """Learn the prompts as ``cfg`` says, write ``prompts.pt`` and evaluate them; returns the evaluation results."""
     device, _ = init_distributed()
-    rank, world = get_rank(), get_world_size()
     # 'auto' -> bf16 where native, else fp32 (pgseg.runtime.precision)
     precision = resolve_precision(cfg.train.precision, device, gpu_fallback='fp32')
     run_dir = os.path.abspath(cfg.train.output_dir)
+    with claim_run_directory(run_dir):  # one live run per directory; temporaries of dead ones removed
+        return _run(cfg, device, precision, run_dir)
+
+
+def _run(cfg: PromptTrainConfig, device: torch.device, precision: str, run_dir: str) -> dict:
+    rank, world = get_rank(), get_world_size()
     torch.manual_seed(cfg.train.seed)
 
     backbone = build_backbone(cfg.backbone).to(device)

@@ -1,19 +1,24 @@
 """Everything that touches ``torch.distributed``. Each helper answers for a single process when no group exists."""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
-__all__ = ['init_distributed', 'is_distributed', 'get_rank', 'get_world_size', 'is_main_process',
+__all__ = ['init_distributed', 'stop_with_launcher', 'is_distributed', 'get_rank', 'get_world_size', 'is_main_process',
            'all_gather_with_grad', 'broadcast_flag', 'all_ranks_true', 'all_ranks_true_tensor', 'all_reduce_mean',
            'all_reduce_sum',
            'barrier', 'all_gather_object', 'all_reduce_grads_mean', 'destroy_process_group']
 
 
 def init_distributed() -> tuple[torch.device, int]:
-    """Start the process group when launched by torchrun; returns (device, local rank)."""
+    """Start the process group when launched by torchrun; returns (device, local rank). A rank started by torchrun
+    stops the moment its launcher dies (:func:`stop_with_launcher`)."""
+    stop_with_launcher()
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
         backend = 'nccl' if torch.cuda.is_available() else 'gloo'
@@ -25,6 +30,21 @@ def init_distributed() -> tuple[torch.device, int]:
     local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscription of CPU cores
     return torch.device('cpu'), local_rank
+
+
+def stop_with_launcher() -> None:
+    """Under torchrun (``TORCHELASTIC_RUN_ID`` set), ask Linux to kill this process when its launcher dies
+    (``prctl(PR_SET_PDEATHSIG, SIGKILL)``): after a ``kill -9`` of torchrun its ranks would otherwise go on training
+    and checkpointing beside a relaunched run. Checkpoints are written atomically, so a rank killed mid-write leaves
+    only a temporary, which the next run removes. Elsewhere (no launcher, another OS) this does nothing."""
+    if 'TORCHELASTIC_RUN_ID' not in os.environ or not sys.platform.startswith('linux'):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os._exit(1)
 
 
 def is_distributed() -> bool:

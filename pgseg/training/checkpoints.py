@@ -3,19 +3,22 @@ RNG and data position, the newest ``keep_last`` kept (``ckpt-best`` apart), and 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import re
 import shutil
 from typing import Callable, TypeVar
 
 import torch
 
 from ..checkpoint import STATE_NAME, CheckpointError, list_checkpoints, read_train_state, write_dir_atomically
-from ..runtime.distributed import all_gather_object, barrier, get_world_size, is_main_process
+from ..runtime.distributed import all_gather_object, barrier, broadcast_flag, get_world_size, is_main_process
 from .state import RunState, capture_rng, restore_rng
 
-__all__ = ['CheckpointWriter', 'resolve_resume', 'resume_candidates', 'load_resume_point', 'load_train_state',
-           'restore_rank', 'prune_checkpoints']
+__all__ = ['CheckpointWriter', 'claim_run_directory', 'RunDirectoryBusy', 'resolve_resume', 'resume_candidates',
+           'load_resume_point', 'load_train_state', 'restore_rank', 'prune_checkpoints']
 
 log = logging.getLogger(__name__)
 T = TypeVar('T')
@@ -109,3 +112,57 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
     steps = sorted((int(n[5:]), n) for n in os.listdir(run_dir) if n.startswith('ckpt-') and n[5:].isdigit())
     for _, old in steps[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
+
+
+# a temporary that an atomic write leaves when its process dies mid-write (checkpoint.format.write_dir_atomically,
+# mvpseg.prompt_file.save_prompts)
+_TEMPORARY = re.compile(r'^\.(ckpt-[^/]*\.(tmp|old)-.+|prompts-.+\.tmp)$')
+LOCK_NAME = '.pgseg-run.lock'
+
+
+class RunDirectoryBusy(CheckpointError):
+    """Another live run holds the run directory."""
+
+
+@contextlib.contextmanager
+def claim_run_directory(run_dir: str):
+    """Hold ``run_dir`` for one run. Rank 0 takes an exclusive lock on ``<run_dir>/.pgseg-run.lock`` (released by the
+    operating system when the process ends, however it ends): a second run started in the same directory, say beside
+    the ranks of a launcher that was killed, stops on every rank with an error naming the live one. Holding it, rank
+    0 removes the temporaries that atomic writes of dead runs left behind (``.ckpt-<step>.tmp-*``,
+    ``.ckpt-<step>.old-*``, ``.prompts-*.tmp``)."""
+    fd, busy = None, ''
+    if is_main_process():
+        os.makedirs(run_dir, exist_ok=True)
+        fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy = os.pread(fd, 64, 0).decode(errors='replace').strip() or 'unknown'
+            os.close(fd)
+    if not broadcast_flag(not busy):  # every rank stops, not only the one that found the lock taken
+        owner = f'process {busy}' if busy else 'seen by rank 0'
+        raise RunDirectoryBusy(f'{run_dir}: another run ({owner}) is training in this directory; stop it, or give '
+                               f'this run its own train.output_dir')
+    try:
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+            _remove_temporaries(run_dir)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _remove_temporaries(run_dir: str) -> None:
+    removed = [name for name in os.listdir(run_dir) if _TEMPORARY.match(name)]
+    for name in removed:
+        target = os.path.join(run_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            os.remove(target)
+    if removed:
+        log.info('removed %d temporaries of interrupted writes in %s: %s', len(removed), run_dir,
+                 ', '.join(sorted(removed)))
