@@ -254,6 +254,21 @@ def test_segmenter_applies_exif_orientation(tiny_checkpoint, tmp_path):
     assert seg(tmp_path / 'rot.jpg').labels.shape == (40, 20)
 
 
+def test_segment_outputs_are_at_the_input_size_whatever_the_decode(tiny_checkpoint, tmp_path):
+    """A 3000 x 2200 JPEG, turned upright by EXIF, is decoded reduced (draft mode) for inference; the label map, the
+    overlay and the recorded size are the upright image's own."""
+    img = Image.new('RGB', (3000, 2200), (30, 120, 200))
+    exif = img.getexif()
+    exif[0x0112] = 6  # shown turned by 90 degrees: 2200 x 3000
+    img.save(tmp_path / 'big.jpg', exif=exif, quality=80)
+    code = segment_main([str(tmp_path / 'big.jpg'), '--classes', 'sky', '--checkpoint', str(tiny_checkpoint),
+                         '--out', str(tmp_path / 'out'), '--bg-thresh', '0.5'])
+    assert code == 0
+    assert Image.open(tmp_path / 'out' / 'big_labels.png').size == (2200, 3000)
+    assert Image.open(tmp_path / 'out' / 'big_overlay.png').size == (2200, 3000)
+    assert json.load(open(tmp_path / 'out' / 'big_areas.json'))['size'] == [2200, 3000]
+
+
 def test_segment_cli_processes_good_images_despite_a_bad_one(tiny_checkpoint, tmp_path, capsys):
     Image.new('RGB', (30, 20), (0, 200, 0)).save(tmp_path / 'good.png')
     (tmp_path / 'broken.jpg').write_bytes(b'not an image')

@@ -167,11 +167,12 @@ def preprocess_image(image, short_side: int = 448, long_side: int = 2048) -> tor
 @torch.no_grad()
 def predict_labels(model, image, class_embeds: torch.Tensor, bg_thresh: float | None, with_background: bool,
                    protocol, device: torch.device | str = 'cpu', autocast_dtype: torch.dtype | None = None,
-                   bg_constant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   bg_constant: bool = False, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One image -> (labels [H, W] at the original size, scores [C, H, W] at the original size).
 
-    Resize (protocol.short_side), sliding windows, bilinear resize of the averaged scores to the original size,
-    optional PAMR, argmax (the official softmax before the argmax changes nothing).
+    Resize (protocol.short_side), sliding windows, bilinear resize of the averaged scores to the original size (or
+    to ``size`` (H, W): the full size of an image decoded reduced), optional PAMR, argmax (the official softmax
+    before the argmax changes nothing).
     """
     arr = rgb_array(image)
     x = preprocess_image(arr, protocol.short_side, protocol.long_side).to(device)
@@ -180,9 +181,12 @@ def predict_labels(model, image, class_embeds: torch.Tensor, bg_thresh: float | 
         logits = slide_logits(model, x, class_embeds, bg_thresh=bg_thresh if bg_thresh is not None else 0.0,
                               with_background=with_background, crop_size=protocol.crop_size,
                               stride=protocol.stride, bg_constant=bg_constant)
-    logits = F.interpolate(logits.float(), size=arr.shape[:2], mode='bilinear', align_corners=False)
+    size = tuple(size or arr.shape[:2])
+    logits = F.interpolate(logits.float(), size=size, mode='bilinear', align_corners=False)
     if protocol.pamr:
         rgb = torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].float().to(logits.device)
+        if rgb.shape[-2:] != size:
+            rgb = F.interpolate(rgb, size=size, mode='bilinear', align_corners=False)
         logits = pamr(rgb, logits)
     return channel_argmax(logits)[0], logits[0]
 

@@ -21,23 +21,47 @@ from .protocols import Protocol, get_protocol
 from .templates import get_templates
 from .visualize import voc_palette
 
-__all__ = ['Segmenter', 'SegmentationResult', 'load_any_image']
+__all__ = ['Segmenter', 'SegmentationResult', 'load_any_image', 'upright_size', 'segment_image']
 
 
-def load_any_image(source) -> Image.Image:
+def load_any_image(source, draft: bool = True) -> Image.Image:
     """A path, PIL image or uint8 array -> RGB PIL image, upright (EXIF orientation applied), 8-bit.
 
-    Large JPEGs are decoded in draft mode at no less than twice the inference resolution."""
+    With ``draft``, large JPEGs are decoded in draft mode at no less than twice the inference resolution (a reduced
+    image: :func:`segment_image` still answers at the full size)."""
     if isinstance(source, Image.Image):
         img = source
     elif isinstance(source, np.ndarray):
         img = Image.fromarray(source)
     else:
         img = Image.open(source)
-        if img.format == 'JPEG' and min(img.size) > 2048:
+        if draft and img.format == 'JPEG' and min(img.size) > 2048:
             img.draft('RGB', (img.width * 1024 // min(img.size), img.height * 1024 // min(img.size)))
     img = ImageOps.exif_transpose(img) or img
     return to_rgb(img)
+
+
+def upright_size(source) -> tuple[int, int]:
+    """(width, height) of the image ``source`` as it is shown: EXIF-upright, at its full size (read from the header
+    for a file)."""
+    if isinstance(source, np.ndarray):
+        return source.shape[1], source.shape[0]
+    img = source if isinstance(source, Image.Image) else Image.open(source)
+    width, height = img.size
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that turn the image by 90 degrees
+        width, height = height, width
+    return width, height
+
+
+def segment_image(source, predict) -> tuple[Image.Image, torch.Tensor]:
+    """``predict(image, size)`` on the decoded ``source`` -> (the full-size upright image, labels [H, W] at that
+    size): outputs are at the input image's own size whatever the decode (a large JPEG is read reduced)."""
+    img = load_any_image(source)
+    width, height = upright_size(source)
+    labels = predict(img, (height, width))
+    if img.size != (width, height):
+        img = load_any_image(source, draft=False)
+    return img, labels
 
 
 @dataclass
@@ -100,7 +124,8 @@ class Segmenter:
 
     @torch.no_grad()
     def __call__(self, image) -> SegmentationResult:
-        img = load_any_image(image)
-        labels, _ = predict_labels(self.model, img, self.class_embeds, self.bg_thresh, self.bg_thresh is not None,
-                                   self.protocol, self.device, self.autocast_dtype)
+        def predict(img, size):
+            return predict_labels(self.model, img, self.class_embeds, self.bg_thresh, self.bg_thresh is not None,
+                                  self.protocol, self.device, self.autocast_dtype, size=size)[0]
+        img, labels = segment_image(image, predict)
         return SegmentationResult.from_labels(img, labels, self.class_names)

@@ -40,9 +40,10 @@ class SlideSettings:
 
 @torch.no_grad()
 def predict_image(backbone: DenseBackbone, classifier, text: torch.Tensor, image, settings: SlideSettings,
-                  device: torch.device | str = 'cpu', autocast_dtype: torch.dtype | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One RGB image -> (labels [H, W] over the classes of ``text``, log-probabilities [C, H, W])."""
+                  device: torch.device | str = 'cpu', autocast_dtype: torch.dtype | None = None,
+                  size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One RGB image -> (labels [H, W] over the classes of ``text``, log-probabilities [C, H, W]), at the image's
+    size or at ``size`` (H, W)."""
     arr = rgb_array(image)
     x = backbone.normalize(rescale_image(arr, settings.short_side, settings.long_side).to(device) / 255.0)
     S = settings.crop_size
@@ -63,7 +64,7 @@ def predict_image(backbone: DenseBackbone, classifier, text: torch.Tensor, image
             total[:, r0:r1, c0:c1] += lp
             count[:, r0:r1, c0:c1] += 1
     scores = (total / count)[:, :H, :W]
-    scores = F.interpolate(scores[None], size=arr.shape[:2], mode='bilinear', align_corners=False)[0]
+    scores = F.interpolate(scores[None], size=tuple(size or arr.shape[:2]), mode='bilinear', align_corners=False)[0]
     return scores.argmax(dim=0), scores
 
 

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from ..eval.segmenter import SegmentationResult, load_any_image
+from ..eval.segmenter import SegmentationResult, segment_image
 from .inference import SlideSettings, predict_image
 from .prompt_file import load_prompt_classifier
 
@@ -35,7 +35,8 @@ class PromptSegmenter:
 
     @torch.no_grad()
     def __call__(self, image) -> SegmentationResult:
-        img = load_any_image(image)
-        labels, _ = predict_image(self.backbone, self.learner, self.text, img, self.settings, self.device,
-                                  self.autocast_dtype)
+        def predict(img, size):
+            return predict_image(self.backbone, self.learner, self.text, img, self.settings, self.device,
+                                 self.autocast_dtype, size=size)[0]
+        img, labels = segment_image(image, predict)
         return SegmentationResult.from_labels(img, labels, self.class_names)
