@@ -242,7 +242,7 @@ def measure_train_step(args) -> dict:
             # inside a compiled graph the timers' synchronisation would break the graph (and switching them on would
             # recompile it): under --compile the step is timed whole
             em_timer.active = gather_timer.active = enabled and not args.compile
-            matching.MATCH_TIMING.update(solve_s=0.0, wait_s=0.0, problems=0)
+            matching.MATCH_STATS.reset()
             _sync(device)
             t0 = time.perf_counter()
             losses = step()
@@ -253,7 +253,7 @@ def measure_train_step(args) -> dict:
                 with_npr.append(elapsed)
                 em.append(em_timer.total)
                 gathers.append(gather_timer.total)
-                match_wait.append(matching.MATCH_TIMING['wait_s'])
+                match_wait.append(matching.MATCH_STATS.wait_s)
                 beside.append(_ceiling_probe(device, 8192 if device.type == 'cuda' else 2048))
             else:
                 without_npr.append(elapsed)

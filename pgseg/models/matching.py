@@ -11,17 +11,33 @@ from __future__ import annotations
 import atexit
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ['MatchHandle', 'match_async', 'match_all_async', 'join_all', 'hungarian_indices', 'MATCH_TIMING']
+__all__ = ['MatchHandle', 'match_async', 'match_all_async', 'join_all', 'hungarian_indices', 'MatchStats',
+           'MATCH_STATS']
 
 _POOL: ThreadPoolExecutor | None = None
-# Seconds spent solving (in the worker) and waiting for results (in the caller): read by scripts/benchmark.py.
-MATCH_TIMING = {'solve_s': 0.0, 'wait_s': 0.0, 'problems': 0}
+
+
+@dataclass
+class MatchStats:
+    """What the matchings cost this process since the last :meth:`reset`: the solver's seconds (in the worker
+    thread), the seconds the training step waited for results (the step's only host wait; hidden behind the text
+    tower on the CPU, the first thing to watch on a fast GPU: docs/performance.md), and the problems solved."""
+    solve_s: float = 0.0
+    wait_s: float = 0.0
+    problems: int = 0
+
+    def reset(self) -> None:
+        self.solve_s, self.wait_s, self.problems = 0.0, 0.0, 0
+
+
+MATCH_STATS = MatchStats()
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -42,8 +58,8 @@ def hungarian_indices(sim: np.ndarray, maximize: bool) -> np.ndarray:
     for b in range(sim.shape[0]):
         rows, cols = linear_sum_assignment(sim[b], maximize=maximize)
         out[b, rows] = cols
-    MATCH_TIMING['solve_s'] += time.perf_counter() - start
-    MATCH_TIMING['problems'] += sim.shape[0]
+    MATCH_STATS.solve_s += time.perf_counter() - start
+    MATCH_STATS.problems += sim.shape[0]
     return out
 
 
@@ -57,7 +73,7 @@ class MatchHandle:
     def indices(self) -> torch.Tensor:
         start = time.perf_counter()
         idx = torch.from_numpy(self._future.result())
-        MATCH_TIMING['wait_s'] += time.perf_counter() - start
+        MATCH_STATS.wait_s += time.perf_counter() - start
         if self._device.type == 'cuda':
             return idx.pin_memory().to(self._device, non_blocking=True)
         return idx.to(self._device)
