@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -19,7 +20,7 @@ from pgseg.data.synthetic.scenes import SYNONYMS, SceneConfig, caption_for, rend
 from pgseg.data.synthetic.writers import check_scene_matches, scene_rng, write_caption_shards, write_segmentation_set
 from pgseg.data.text import CaptionTokenizer, extract_prompt_words
 from pgseg.data.transforms import TrainTransform, normalize_batch, to_rgb
-from pgseg.data.webdataset import TrainStream, expand_source
+from pgseg.data.webdataset import StreamPosition, TrainStream, expand_source
 
 
 # ---------------------------------------------------------------------------------------------- synthetic scenes
@@ -131,6 +132,55 @@ def test_every_sample_exactly_once_over_two_ranks_and_two_workers(tmp_path):
     assert sorted(_keys(stream, 2)) != sorted(seen[:16]) or _keys(stream, 2) != seen[:16]
 
 
+def _uneven_shards(folder, sizes):
+    """Caption shards of the given sizes (img2dataset never fills them evenly), keys unique, with sizes.json."""
+    listing = {}
+    for i, n in enumerate(sizes):
+        samples = [(f'{i:02d}{j:04d}', {'jpg': _jpeg_bytes(Image.new('RGB', (40, 40), (20 * i, 10 * j, 99))),
+                                        'txt': f'a square {i} {j}'.encode()}) for j in range(n)]
+        _write_tar(folder / f'{i:05d}.tar', samples)
+        listing[f'{i:05d}.tar'] = n
+    (folder / 'sizes.json').write_text(json.dumps(listing))
+    return sum(sizes)
+
+
+def _uneven_stream(folder, last, world, rank, workers, batch):
+    source = expand_source('s', str(folder / f'{{00000..{last:05d}}}.tar'))
+    return TrainStream([source], TrainTransform(32, 'official_pgseg'), CaptionTokenizer(16), batch,
+                       source.length // (batch * world), seed=3, shuffle_buffer=5, rank=rank, world_size=world,
+                       num_workers=workers)
+
+
+def test_every_sample_once_per_epoch_over_uneven_shards_and_after_a_resume(tmp_path):
+    """Shards of 13, 2, 9, 21 and 7 samples (one smaller than the batch), 2 ranks x 2 workers, batch 3: every
+    sample of an epoch is read at most once, all but the N mod (global batch) spares, and each rank runs the
+    same number of steps; a worker resumed mid-epoch delivers the rest of the same samples."""
+    sizes = [13, 2, 9, 21, 7]
+    total = _uneven_shards(tmp_path, sizes)
+    world, workers, batch = 2, 2, 3
+    per_rank = []
+    for rank in range(world):
+        stream = _uneven_stream(tmp_path, len(sizes) - 1, world, rank, workers, batch)
+        per_rank.append(_keys(stream, workers))
+    seen = [k for keys in per_rank for k in keys]
+    steps = total // (batch * world)
+    assert len(per_rank[0]) == len(per_rank[1]) == steps * batch
+    assert len(set(seen)) == len(seen) == total - total % (batch * world)  # 52 samples: 48 read once, 4 spares
+    # the next epoch reads another selection: its spares are other samples
+    stream = _uneven_stream(tmp_path, len(sizes) - 1, world, 0, workers, batch)
+    stream.position.epoch = 1
+    assert _keys(stream, workers) != per_rank[0]
+    # resume: rank 1 stopped after its first two batches (one from each worker) delivers the same remaining samples
+    loader = DataLoader(_uneven_stream(tmp_path, len(sizes) - 1, world, 1, workers, batch), batch_size=None,
+                        num_workers=workers)
+    position = StreamPosition()
+    for _, _, info in itertools.islice(loader, 2):
+        position.update(info)
+    resumed = _uneven_stream(tmp_path, len(sizes) - 1, world, 1, workers, batch)
+    resumed.position = position
+    assert _keys(resumed, workers) == per_rank[1][2 * batch:]
+
+
 def test_batches_shapes_and_resampled_mode(tmp_path):
     write_caption_shards(str(tmp_path), 32, samples_per_shard=8, scene=SceneConfig(size=32), progress=False)
     images, tokens, info = next(iter(_stream(tmp_path, resampled=True, steps=3)))
@@ -139,10 +189,15 @@ def test_batches_shapes_and_resampled_mode(tmp_path):
 
 
 def test_too_few_shards_is_a_clear_error(tmp_path):
+    """Shards of unknown sizes (a configured length, no sizes.json) are split whole over the streams: fewer shards
+    than streams is an error; with their sizes known, or resampling, any number of streams is fed."""
     write_caption_shards(str(tmp_path), 32, samples_per_shard=8, scene=SceneConfig(size=32), progress=False)
+    unsized = expand_source('s', str(tmp_path / '{00000..00003}.tar'), length=32)
     with pytest.raises(ValueError, match='4 shards cannot feed 2 ranks x 4 workers'):
-        _stream(tmp_path, world=2, workers=4)
+        TrainStream([unsized], TrainTransform(32, 'official_pgseg'), CaptionTokenizer(16), 4, 4, world_size=2,
+                    num_workers=4)
     _stream(tmp_path, world=2, workers=4, resampled=True)  # resampling can feed any number of streams
+    _stream(tmp_path, world=2, workers=4)  # so can the sample-by-sample plan of shards with known sizes
 
 
 def test_missing_shards_and_sizes_are_clear_errors(tmp_path):

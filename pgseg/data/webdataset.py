@@ -5,7 +5,7 @@ Per epoch, on every rank and DataLoader worker::
     shard list (brace patterns of every source)
       -> order for this epoch: shuffled by Random(seed, epoch) (non-resampled), or drawn with replacement with
          probability proportional to source weight / source shard count (resampled)
-      -> split by node (rank::world), then by worker (worker::num_workers)
+      -> planned sample by sample over the streams (sizes known), or split by node, then by worker (sizes unknown)
       -> webdataset's tarfile_samples (corrupt tar members are skipped and counted)
       -> shuffle buffer driven by Random(seed, epoch, rank, worker), flushed at the end of each pass
       -> skip the samples this worker already delivered (exact resume)
@@ -14,9 +14,11 @@ Per epoch, on every rank and DataLoader worker::
       -> batches of ``batch_size`` collated inside the worker
 
 Each worker yields exactly its share of ``steps_per_epoch`` batches (worker w of W yields the batches w, w + W, ...
-of the rank, the order in which an in-order DataLoader returns them), continuing into a reshuffled pass of its shards
-if it runs out, so every rank runs the same number of steps. Without resampling, and when the shards divide evenly,
-every sample is seen exactly once per epoch.
+of the rank, the order in which an in-order DataLoader returns them), so every rank runs the same number of steps.
+Without resampling and with every shard's size known (sizes.json), the epoch is planned sample by sample
+(:meth:`TrainStream.epoch_plan`): every sample is read once, however uneven the shards, the N mod (global batch) left
+over standing in for damaged samples. Without sizes, shards are split whole and a worker that runs out continues into
+a reshuffled pass of its shards (docs/data.md#how-the-stream-reads-them).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class ShardSource:
     urls: list[str]
     length: int  # samples in these shards
     weight: float = 1.0
+    sizes: list[int] | None = None  # samples per shard, in the order of urls (from sizes.json), when known
 
 
 def expand_source(name: str, pattern: str, length: int | None = None, weight: float = 1.0,
@@ -64,13 +67,16 @@ def expand_source(name: str, pattern: str, length: int | None = None, weight: fl
         raise FileNotFoundError(f'data source {name!r}: {len(missing)} of {len(urls)} shards of {pattern!r} do not '
                                 f'exist (first: {missing[0]}). Check data.sources[].pattern and PGSEG_DATA.')
     urls = [u for u in urls if u not in set(missing)]
+    sizes = None
     if length is None:
-        length = _length_from_sizes(name, urls)
-    return ShardSource(name=name, urls=urls, length=int(length), weight=weight)
+        sizes = _sizes(name, urls)
+        length = sum(sizes)
+    return ShardSource(name=name, urls=urls, length=int(length), weight=weight, sizes=sizes)
 
 
-def _length_from_sizes(name: str, urls: list[str]) -> int:
-    total, cache = 0, {}
+def _sizes(name: str, urls: list[str]) -> list[int]:
+    """Samples per shard, from the ``sizes.json`` beside each shard."""
+    sizes, cache = [], {}
     for u in urls:
         folder = os.path.dirname(u)
         if folder not in cache:
@@ -83,8 +89,8 @@ def _length_from_sizes(name: str, urls: list[str]) -> int:
         base = os.path.basename(u)
         if base not in cache[folder]:
             raise KeyError(f'data source {name!r}: {base} is not listed in {os.path.join(folder, "sizes.json")}')
-        total += int(cache[folder][base])
-    return total
+        sizes.append(int(cache[folder][base]))
+    return sizes
 
 
 @dataclass
@@ -136,7 +142,13 @@ class TrainStream(IterableDataset):
         if not self.urls:
             raise ValueError('no shards: every data source is empty')
         streams = world_size * self.num_workers
-        if not resampled and len(self.urls) < streams:
+        # every shard's size known and no resampling: each epoch is planned sample by sample (epoch_plan)
+        self.sizes = ([n for s in self.sources for n in s.sizes] if not resampled and
+                      all(s.sizes is not None for s in self.sources) else None)
+        if self.sizes is None and not resampled:
+            log.warning('the shards\' sizes are unknown (data.sources[].length set, no sizes.json): shards are split '
+                        'over ranks and workers whole, and uneven shards repeat or leave out samples in an epoch')
+        if self.sizes is None and not resampled and len(self.urls) < streams:
             raise ValueError(f'{len(self.urls)} shards cannot feed {world_size} ranks x {self.num_workers} workers '
                              f'= {streams} streams without resampling: use data.num_workers <= '
                              f'{max(1, len(self.urls) // world_size)}, data.resampled=true, or more shards')
@@ -155,9 +167,71 @@ class TrainStream(IterableDataset):
         mine = order[self.rank::self.world_size]
         return mine[worker::self.num_workers]
 
+    def epoch_plan(self, epoch: int, worker: int) -> tuple[list[tuple[int, range]], list[tuple[int, range]]]:
+        """The samples this rank's ``worker`` reads in ``epoch``, as (shard index, sample indices) pieces: its own
+        share, then its spares. Every epoch lays the shards end to end in a shuffled order, N samples in all; the
+        streams (rank r, worker w: stream r * W + w) take consecutive stretches of exactly the samples their batches
+        need (batches x batch size), so every sample is read once. The rest, fewer than a step's worth (N mod
+        global batch), are the spares: stream k may take every (W x world)-th of them from the k-th on, in place of
+        the damaged samples it skipped; spares not needed wait for a later epoch's order. (An explicit
+        ``train.steps_per_epoch`` longer than the data lays the order out again after itself.)"""
+        order = list(range(len(self.urls)))
+        random.Random(_seed(self.seed, epoch, 0)).shuffle(order)
+        streams = self.world_size * self.num_workers
+        need = [self.worker_batches(w) * self.batch_size for w in range(self.num_workers)] * self.world_size
+        me = self.rank * self.num_workers + worker
+        start, needed, total = sum(need[:me]), sum(need), sum(self.sizes)
+        laps = max(1, -(-needed // total))  # the order laid out this many times covers every stream's stretch
+        own, spares, offset = [], [], 0
+        for shard in order * laps:
+            n = self.sizes[shard]
+            lo, hi = max(start, offset), min(start + need[me], offset + n)  # this stream's stretch in the shard
+            if lo < hi:
+                own.append((shard, range(lo - offset, hi - offset)))
+            first = max(needed, offset)  # the spares in the shard: every streams-th from position ``me``
+            first += (me - (first - needed)) % streams
+            if first < offset + n:
+                spares.append((shard, range(first - offset, n, streams)))
+            offset += n
+        return own, spares
+
+    def _planned_samples(self, epoch: int, worker: int, counts: Counter, rng: random.Random) -> Iterator[dict]:
+        """The epoch plan's samples: this stream's own (through the shuffle buffer, flushed at their end), then its
+        spares, then, should damaged samples outnumber the spares, its own again (logged)."""
+        own, spares = self.epoch_plan(epoch, worker)
+        yield from self._shuffled(self._read_pieces(own, counts), rng)
+        yield from self._read_pieces(spares, counts)
+        log.warning('worker %d of rank %d: more damaged samples than spares in epoch %d; reading its samples again',
+                    worker, self.rank, epoch)
+        while True:
+            yield from self._shuffled(self._read_pieces(own, counts), rng)
+
+    def _read_pieces(self, pieces: list[tuple[int, range]], counts: Counter) -> Iterator[dict]:
+        """The samples ``pieces`` name, shard by shard, read in order (the ones in between are passed over; a damaged
+        tar member is counted by every stream that passes over it)."""
+        def on_error(exc: Exception) -> bool:
+            counts['bad_tar'] += 1
+            log.warning('skipping unreadable tar data: %s', exc)
+            return True
+
+        for shard, wanted in pieces:
+            if not len(wanted):
+                continue
+            samples = tarfile_samples([{'url': self.urls[shard]}], handler=on_error)
+            for i, sample in enumerate(samples):
+                if i >= wanted.stop:
+                    break
+                if i >= wanted.start and (i - wanted.start) % wanted.step == 0:
+                    yield sample
+
     def _samples(self, epoch: int, worker: int, counts: Counter, rng: random.Random) -> Iterator[dict]:
-        """Endless passes over this worker's shards; the shuffle buffer is flushed at the end of each pass, so the
-        first pass is delivered completely before any sample repeats."""
+        """This worker's samples for the epoch: planned sample by sample when the shards' sizes are known
+        (:meth:`epoch_plan`), else endless passes over its shards (the shuffle buffer flushed at the end of each
+        pass, so the first pass is delivered completely before any sample repeats)."""
+        if self.sizes is not None:
+            yield from self._planned_samples(epoch, worker, counts, rng)
+            return
+
         def on_error(exc: Exception) -> bool:
             counts['bad_tar'] += 1
             log.warning('skipping unreadable tar data: %s', exc)
