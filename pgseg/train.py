@@ -101,7 +101,12 @@ class Pretraining:
         the epoch, which a resume with another world size replays)."""
         start = self.skipped_epoch_start if self.skipped_epoch_start is not None else self.state.skipped
         return {'position': self.position.state_dict(), 'skipped': dict(self.state.skipped),
-                'skipped_epoch_start': dict(start)}
+                'skipped_epoch_start': dict(start), 'stream': self.stream_layout()}
+
+    def stream_layout(self) -> list[int]:
+        """What a worker's position means: the same counts of samples and batches resume exactly only under the
+        same batch size, workers and batches per epoch (and world size)."""
+        return [self.stream.batch_size, self.stream.num_workers, self.stream.steps_per_epoch]
 
 
 def _steps_per_epoch(cfg: TrainConfig, sources, global_batch: int) -> int:
@@ -183,13 +188,16 @@ def _resume(run: Pretraining, path: str, loaded: tuple[dict, dict]) -> None:
         run.scaler.load_state_dict(saved['scaler'])
     run.state = RunState.from_state(saved['run'])
     mine = restore_rank(saved, get_rank(), get_world_size())
-    if mine is not None:
+    if mine is not None and mine.get('stream', run.stream_layout()) == run.stream_layout():
         run.position = StreamPosition.from_state(mine['position'])
         run.state.skipped = dict(mine.get('skipped', run.state.skipped))  # each rank's own counters
         run.skipped_epoch_start = mine.get('skipped_epoch_start')
     else:
-        log.warning('resuming %d ranks from a %d-rank checkpoint: RNG and data position restart at epoch %d',
-                    get_world_size(), saved['world_size'], run.state.epoch)
+        changed = (f'a {saved["world_size"]}-rank checkpoint' if mine is None else
+                   f'a checkpoint of another data layout (batch, workers, batches per epoch: {mine["stream"]}, now '
+                   f'{run.stream_layout()})')
+        log.warning('resuming %d ranks from %s: the data position restarts at epoch %d', get_world_size(), changed,
+                    run.state.epoch)
         run.position = StreamPosition(epoch=run.state.epoch)
         # the epoch replays from its start: the counters as they stood then, all ranks' on rank 0 (the sum is kept)
         starts = [rank.get('skipped_epoch_start') for rank in saved['ranks']]

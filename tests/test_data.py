@@ -345,3 +345,14 @@ def test_named_backgrounds_and_their_words():
     assert seen == set(BACKGROUNDS)
     with pytest.raises(ValueError, match='background'):
         SceneConfig(backgrounds=('lava',))
+
+
+def test_sizes_json_that_overstates_a_shard_is_a_loud_error(tmp_path):
+    """sizes.json listing more samples than a shard holds leaves a stream with nothing to read: an error naming the
+    shard and sizes.json, not a worker spinning forever."""
+    total = _uneven_shards(tmp_path, [4, 4])
+    (tmp_path / 'sizes.json').write_text(json.dumps({'00000.tar': 4, '00001.tar': 400}))
+    stream = _uneven_stream(tmp_path, 1, world=2, rank=1, workers=1, batch=4)
+    assert total == 8
+    with pytest.raises(RuntimeError, match=r'00001.tar.*sizes.json'):
+        _keys(stream, 0)

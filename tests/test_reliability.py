@@ -240,3 +240,14 @@ def test_skip_counters_are_per_rank_across_a_resume(tmp_path):
     logged = {name: [json.loads(line) for line in open(tmp_path / name / 'metrics.jsonl')][-1]
               for name in ('straight', 'resumed')}
     assert logged['resumed']['data/skipped_samples'] == logged['straight']['data/skipped_samples']
+
+
+def test_resume_under_another_data_layout_restarts_the_epoch(tmp_path, shards, caplog):
+    """A worker's saved position means nothing under another batch size: the resume says so and restarts the
+    epoch's data instead of replaying counts against another plan."""
+    out = tmp_path / 'run'
+    assert train_main(_args(out, shards, 'train.max_steps=2', 'data.batch_size=4')) == 0
+    cfg = load_config(TINY_CONFIG, _args(out, shards, 'train.max_steps=4', 'data.batch_size=2')[2:])
+    with caplog.at_level('WARNING'):
+        assert run(cfg).step == 4
+    assert any('another data layout' in r.getMessage() for r in caplog.records)

@@ -204,7 +204,15 @@ class TrainStream(IterableDataset):
         log.warning('worker %d of rank %d: more damaged samples than spares in epoch %d; reading its samples again',
                     worker, self.rank, epoch)
         while True:
-            yield from self._shuffled(self._read_pieces(own, counts), rng)
+            found = 0
+            for sample in self._shuffled(self._read_pieces(own, counts), rng):
+                found += 1
+                yield sample
+            if not found:  # a stretch of samples the shards do not hold: stop loudly instead of spinning
+                shards = sorted({self.urls[shard] for shard, _ in own})
+                raise RuntimeError(f'worker {worker} of rank {self.rank}: none of its {sum(len(r) for _, r in own)} '
+                                   f'samples can be read from {", ".join(shards)}: the shards hold fewer samples than '
+                                   f'sizes.json lists, or cannot be read; fix sizes.json (scripts/make_sizes_json.py)')
 
     def _read_pieces(self, pieces: list[tuple[int, range]], counts: Counter) -> Iterator[dict]:
         """The samples ``pieces`` name, shard by shard, read in order (the ones in between are passed over; a damaged

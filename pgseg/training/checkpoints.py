@@ -14,7 +14,14 @@ from typing import Callable, TypeVar
 import torch
 
 from ..checkpoint import STATE_NAME, CheckpointError, list_checkpoints, read_train_state, write_dir_atomically
-from ..runtime.distributed import all_gather_object, barrier, broadcast_flag, get_world_size, is_main_process
+from ..runtime.distributed import (
+    all_gather_object,
+    all_ranks_true,
+    barrier,
+    broadcast_flag,
+    get_world_size,
+    is_main_process,
+)
 from .state import RunState, capture_rng, restore_rng
 
 __all__ = ['CheckpointWriter', 'claim_run_directory', 'RunDirectoryBusy', 'resolve_resume', 'resume_candidates',
@@ -49,15 +56,21 @@ def load_resume_point(resume: str | None, run_dir: str, load: Callable[[str], T]
                       ) -> tuple[str, T] | None:
     """``(path, load(path))`` of the checkpoint a run continues from, or None for a fresh start. With ``auto`` a
     checkpoint that cannot be read (a truncated file) is reported and the previous complete one is tried; an explicit
-    checkpoint that cannot be read is a :class:`CheckpointError` naming it."""
-    candidates = resume_candidates(resume, run_dir, marker)
+    checkpoint that cannot be read is a :class:`CheckpointError` naming it. Every rank resumes from the same one: rank
+    0's list of candidates is every rank's, and a candidate is taken only if every rank could read it."""
+    mine = resume_candidates(resume, run_dir, marker)  # on every rank: a bad explicit path stops them all
+    candidates = all_gather_object(mine)[0]
     for path in candidates:
         try:
-            return path, load(path)
+            loaded, error = load(path), None
         except CheckpointError as exc:
-            if resume != 'auto':
-                raise
-            log.warning('cannot resume from %s (%s); trying the checkpoint before it', path, exc)
+            loaded, error = None, exc
+        if all_ranks_true(error is None):
+            return path, loaded
+        if resume != 'auto':
+            raise error or CheckpointError(f'{path}: another rank cannot read this checkpoint')
+        log.warning('cannot resume from %s (%s); trying the checkpoint before it', path,
+                    error or 'another rank cannot read it')
     if candidates:
         raise CheckpointError(f'checkpoint.resume=auto: none of the {len(candidates)} checkpoints in {run_dir} can be '
                               f'read; resume from none (checkpoint.resume=none) to start afresh')
