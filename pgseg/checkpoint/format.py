@@ -22,7 +22,8 @@ from ..config import ConfigError, ModelConfig, TrainConfig, config_to_yaml, load
 from .errors import CheckpointError
 
 __all__ = ['WEIGHTS_NAME', 'CONFIG_NAME', 'STATE_NAME', 'is_pgseg_dir', 'write_dir_atomically', 'write_model_files',
-           'save_checkpoint', 'load_checkpoint', 'read_train_state', 'find_latest', 'list_checkpoints']
+           'save_checkpoint', 'load_checkpoint', 'read_train_state', 'read_checkpoint_file', 'find_latest',
+           'list_checkpoints']
 
 WEIGHTS_NAME, CONFIG_NAME, STATE_NAME = 'model.safetensors', 'config.yaml', 'train_state.pt'
 
@@ -82,7 +83,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
         model_cfg = load_model_config(os.path.join(path, CONFIG_NAME))
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
-    state = _read(path, WEIGHTS_NAME, load_safetensors)
+    state = read_checkpoint_file(path, WEIGHTS_NAME, load_safetensors)
     train_state = None
     if os.path.isfile(os.path.join(path, STATE_NAME)):
         train_state = read_train_state(path)
@@ -91,10 +92,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
 
 def read_train_state(path: str | os.PathLike) -> dict:
     """The training state of checkpoint directory ``path`` (``train_state.pt``, weights-only)."""
-    return _read(path, STATE_NAME, lambda f: torch.load(f, map_location='cpu', weights_only=True))
+    return read_checkpoint_file(path, STATE_NAME, lambda f: torch.load(f, map_location='cpu', weights_only=True))
 
 
-def _read(folder: str | os.PathLike, name: str, reader: Callable[[str], object]):
+def read_checkpoint_file(folder: str | os.PathLike, name: str, reader: Callable[[str], object]):
     """``reader(folder/name)``; a damaged file (truncated, garbage) is a CheckpointError naming it."""
     file = os.path.join(os.fspath(folder), name)
     try:

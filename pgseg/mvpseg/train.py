@@ -19,7 +19,7 @@ import shutil
 import torch
 from torch.utils.data import DataLoader
 
-from ..checkpoint import CheckpointError
+from ..checkpoint.format import read_checkpoint_file, read_train_state
 from ..config import config_to_dict, config_to_yaml
 from ..eval.datasets import build_dataset
 from ..eval.templates import get_templates
@@ -36,7 +36,6 @@ from ..training.checkpoints import (
     CheckpointWriter,
     claim_run_directory,
     load_resume_point,
-    load_train_state,
     restore_rank,
 )
 from ..training.logger import MetricsLogger
@@ -173,11 +172,9 @@ def _run(cfg: PromptTrainConfig, device: torch.device, precision: str, run_dir: 
 
 def _read_resume_point(path: str) -> tuple[dict, dict]:
     """(training state, prompts payload) of checkpoint ``path``; a damaged file is a CheckpointError naming it."""
-    try:
-        prompts = torch.load(os.path.join(path, 'prompts.pt'), map_location='cpu', weights_only=True)
-    except Exception as exc:  # a truncated or garbage file: each reader raises its own type
-        raise CheckpointError(f'{path}: prompts.pt cannot be read ({type(exc).__name__})') from None
-    return load_train_state(path), prompts
+    prompts = read_checkpoint_file(path, 'prompts.pt',
+                                   lambda f: torch.load(f, map_location='cpu', weights_only=True))
+    return read_train_state(path), prompts
 
 
 def _prompt_step(learner, backbone, params, optimizer, images, labels, seen_names, cfg, precision):

@@ -13,7 +13,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from ..checkpoint import STATE_NAME, CheckpointError, list_checkpoints, read_train_state, write_dir_atomically
+from ..checkpoint import STATE_NAME, CheckpointError, list_checkpoints, write_dir_atomically
 from ..runtime.distributed import (
     all_gather_object,
     all_ranks_true,
@@ -24,18 +24,11 @@ from ..runtime.distributed import (
 )
 from .state import RunState, capture_rng, restore_rng
 
-__all__ = ['CheckpointWriter', 'claim_run_directory', 'RunDirectoryBusy', 'resolve_resume', 'resume_candidates',
-           'load_resume_point', 'load_train_state', 'restore_rank', 'prune_checkpoints']
+__all__ = ['CheckpointWriter', 'claim_run_directory', 'RunDirectoryBusy', 'resume_candidates', 'load_resume_point',
+           'restore_rank', 'prune_checkpoints']
 
 log = logging.getLogger(__name__)
 T = TypeVar('T')
-
-
-def resolve_resume(resume: str | None, run_dir: str, marker: str = STATE_NAME) -> str | None:
-    """The checkpoint to resume from: ``auto`` the newest complete ``ckpt-<step>`` of ``run_dir`` (None in a new
-    run), a checkpoint directory, or None (``none``, ``null``, empty)."""
-    candidates = resume_candidates(resume, run_dir, marker)
-    return candidates[0] if candidates else None
 
 
 def resume_candidates(resume: str | None, run_dir: str, marker: str = STATE_NAME) -> list[str]:
@@ -75,11 +68,6 @@ def load_resume_point(resume: str | None, run_dir: str, load: Callable[[str], T]
         raise CheckpointError(f'checkpoint.resume=auto: none of the {len(candidates)} checkpoints in {run_dir} can be '
                               f'read; resume from none (checkpoint.resume=none) to start afresh')
     return None
-
-
-def load_train_state(path: str) -> dict:
-    """The training state of checkpoint ``path`` (``train_state.pt``: run counters, optimizer, schedule, ranks)."""
-    return read_train_state(path)
 
 
 def restore_rank(saved: dict, rank: int, world: int) -> dict | None:
