@@ -158,7 +158,8 @@ def _log_wandb(args, results) -> None:
     if args.wandb == 'disabled':
         return
     from .training.logger import MetricsLogger
-    logger = MetricsLogger(args.out, wandb_mode=args.wandb, project='pgseg-eval', config=vars(args))
+    logger = MetricsLogger(args.out, wandb_mode=args.wandb, project='pgseg-eval', config=vars(args),
+                           setting_name='--wandb')
     values, images = {}, {}
     for r in results['results']:
         key = r['dataset']

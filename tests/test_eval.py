@@ -17,6 +17,7 @@ from PIL import Image
 import pgseg
 from pgseg.data.synthetic.scenes import SceneConfig
 from pgseg.data.synthetic.writers import write_segmentation_set
+from pgseg.eval.classes import COCO_OBJECT
 from pgseg.eval.datasets import DATASETS, LayoutError, build_dataset
 from pgseg.eval.imagenet import evaluate_imagenet
 from pgseg.eval.inference import pamr, predict_labels, preprocess_image
@@ -127,6 +128,32 @@ def test_pamr_keeps_constant_masks():
     torch.testing.assert_close(out, masks)
 
 
+def _pamr_by_hand(image: np.ndarray, masks: np.ndarray, dilations, y: int, x: int) -> np.ndarray:
+    """One PAMR iteration at pixel (y, x), loop by loop: the colour spread over each dilation's 3x3 neighbourhood
+    with the centre (9 values per dilation, unbiased), the similarity of the 8 neighbours, softmax, average."""
+    C, H, W = image.shape
+
+    def at(a, yy, xx):  # replicate padding
+        return a[:, min(max(yy, 0), H - 1), min(max(xx, 0), W - 1)]
+    offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    spread = np.stack([at(image, y + oy, x + ox) for oy, ox in offsets], axis=1).std(axis=1, ddof=1)  # [3]
+    ring = [(oy, ox) for oy, ox in offsets if oy or ox]
+    sim = np.array([np.mean(-np.abs(at(image, y + oy, x + ox) - image[:, y, x]) / (1e-8 + 0.1 * spread))
+                    for oy, ox in ring])
+    w = np.exp(sim - sim.max())
+    w /= w.sum()
+    return sum(wk * at(masks, y + oy, x + ox) for wk, (oy, ox) in zip(w, ring))
+
+
+def test_pamr_matches_a_hand_computation_with_the_centre_in_the_colour_spread():
+    rng = np.random.default_rng(3)
+    image, masks = rng.random((3, 7, 8)), rng.random((2, 7, 8))
+    out = pamr(torch.from_numpy(image)[None].float(), torch.from_numpy(masks)[None].float(), dilations=(1, 2),
+               num_iters=1)[0].double().numpy()
+    for y, x in [(0, 0), (3, 4), (6, 7), (2, 1)]:
+        np.testing.assert_allclose(out[:, y, x], _pamr_by_hand(image, masks, (1, 2), y, x), rtol=1e-5, atol=1e-6)
+
+
 def _eval_worker(rank, init_file, root, expected):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
     try:
@@ -178,6 +205,41 @@ def test_coco_object_lookup_matches_the_official_mapping():
     assert lut[0] == 1 and lut[89] == 80 and lut[10] == 11 and lut[12] == 12  # ids 11 and 90 are unused
     assert lut[91] == 0 and lut[181] == 0 and lut[255] == 0  # stuff and unlabeled are background
     assert sorted(set(lut.tolist())) == list(range(81))
+
+
+def test_coco_object_from_instances_uses_the_fixed_category_ids(tmp_path):
+    """An instances file listing only the categories it uses (cat 17, dog 18) is labelled by COCO's fixed ids, as
+    the stuff path labels the same categories; crowd annotations are not painted; a later instance is painted over
+    an earlier one where they overlap (COCO-Stuff's conversion of thing annotations)."""
+    pytest.importorskip('pycocotools')
+    from pgseg.eval.prepare import COCO_CATEGORY_IDS, convert_coco_object_from_instances
+
+    def box(x0, y0, x1, y1):
+        return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+    anns = [
+        {'id': 1, 'image_id': 7, 'category_id': 18, 'segmentation': box(0, 0, 10, 10), 'area': 100, 'iscrowd': 0,
+         'bbox': [0, 0, 10, 10]},
+        {'id': 2, 'image_id': 7, 'category_id': 17, 'segmentation': box(5, 5, 15, 15), 'area': 100, 'iscrowd': 0,
+         'bbox': [5, 5, 10, 10]},
+        {'id': 3, 'image_id': 7, 'category_id': 18, 'area': 16, 'iscrowd': 1, 'bbox': [16, 0, 4, 4],
+         'segmentation': {'size': [20, 20], 'counts': [320, 4, 16, 4, 16, 4, 16, 4, 16]}},
+    ]
+    doc = {'images': [{'id': 7, 'file_name': '000000000007.jpg', 'height': 20, 'width': 20}], 'annotations': anns,
+           'categories': [{'id': 17, 'name': 'cat'}, {'id': 18, 'name': 'dog'}]}
+    path = tmp_path / 'instances_val2017.json'
+    path.write_text(json.dumps(doc))
+    assert convert_coco_object_from_instances(str(path), str(tmp_path / 'none'), str(tmp_path / 'out'), 'val2017') == 1
+    label = np.asarray(Image.open(tmp_path / 'out/annotations/val2017/000000000007_instanceTrainIds.png'))
+    cat, dog = COCO_OBJECT.index('cat'), COCO_OBJECT.index('dog')
+    assert (cat, dog) == (16, 17) and COCO_CATEGORY_IDS[cat - 1] == 17 and COCO_CATEGORY_IDS[dog - 1] == 18
+    lut = coco_stuff_to_object_lut()  # the stuff path: 0-based stuff id (category id - 1) -> the same labels
+    assert lut[17 - 1] == cat and lut[18 - 1] == dog
+    assert label[2, 2] == dog and label[12, 12] == cat and label[7, 7] == cat  # the later instance on top
+    assert label[0:4, 16:20].max() == 0 and label[18, 2] == 0  # crowd and unannotated pixels stay background
+    bad = dict(doc, annotations=[dict(anns[0], category_id=12)])  # 12 is not a COCO object id
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r'instances_val2017.json: category ids \[12\]'):
+        convert_coco_object_from_instances(str(path), str(tmp_path / 'none'), str(tmp_path / 'out2'), 'val2017')
 
 
 def test_coco_object_conversion_from_stuff_labels(tmp_path):

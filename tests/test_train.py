@@ -247,3 +247,16 @@ def test_compiled_training_matches_eager_without_recompiling_each_step(tmp_path,
     # recompiled when the caption length first changes (dynamic from then on) and when the noun losses start, then
     # never again: the last steps compile nothing although the step changes every step
     assert frames[2] == frames[3] == frames[4], frames
+
+
+def test_wandb_mode_from_the_environment_is_announced_and_runs_are_named(tmp_path, monkeypatch, caplog):
+    from pgseg.training.logger import MetricsLogger
+    monkeypatch.setenv('WANDB_MODE', 'disabled')
+    with caplog.at_level('WARNING', logger='pgseg.training.logger'):
+        logger = MetricsLogger(str(tmp_path / 'run-7'), wandb_mode='online')
+    assert logger.wandb_mode == 'disabled' and logger.wandb_name == 'run-7'
+    assert 'WANDB_MODE=disabled wins over log.wandb_mode=online' in caplog.text
+    caplog.clear()
+    with caplog.at_level('WARNING', logger='pgseg.training.logger'):
+        MetricsLogger(str(tmp_path / 'run-8'), wandb_mode='disabled', name='mine')
+    assert caplog.text == ''  # the two agree: nothing to say

@@ -195,23 +195,27 @@ def predict_labels(model, image, class_embeds: torch.Tensor, bg_thresh: float | 
 def pamr(image: torch.Tensor, masks: torch.Tensor, dilations=(1, 2, 4, 8, 12, 24), num_iters: int = 10) -> torch.Tensor:
     """Pixel-adaptive mask refinement (Araslanov & Roth, 2020): masks are repeatedly averaged over the 8
     neighbours at several dilations, weighted by a softmax of the neighbours' colour similarity.
-    image: [1, 3, H, W] (any scale), masks: [1, C, H, W] -> refined masks [1, C, H, W]."""
-    def neighbours(x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, K, H, W]
+
+    The colour spread that scales the similarity is one standard deviation (unbiased, per colour channel) over the
+    full 3x3 neighbourhoods of all dilations together, the centre pixel included once per dilation (9 values per
+    dilation), as the reference PAMR; the similarity and the averaging use the 8 neighbours only. Borders are padded
+    by replication.
+    image: [B, 3, H, W] (any scale), masks: [B, C, H, W] -> refined masks [B, C, H, W]."""
+    def neighbours(x: torch.Tensor, centre: bool = False) -> torch.Tensor:  # [B, C, H, W] -> [B, C, K, H, W]
         H, W = x.shape[-2:]
         out = []
         for d in dilations:
             padded = F.pad(x, (d, d, d, d), mode='replicate')
             for dy in (-d, 0, d):
                 for dx in (-d, 0, d):
-                    if dy or dx:
+                    if dy or dx or centre:
                         out.append(padded[..., d + dy:d + dy + H, d + dx:d + dx + W])
         return torch.stack(out, dim=2)
 
     img = image.float()
-    near = neighbours(img)  # [1, 3, K, H, W]
-    std = near.std(dim=2, keepdim=True)
-    affinity = -(near - img.unsqueeze(2)).abs() / (1e-8 + 0.1 * std)
-    weights = affinity.mean(dim=1, keepdim=True).softmax(dim=2)  # [1, 1, K, H, W]
+    std = neighbours(img, centre=True).std(dim=2, keepdim=True)  # [B, 3, 1, H, W]
+    affinity = -(neighbours(img) - img.unsqueeze(2)).abs() / (1e-8 + 0.1 * std)
+    weights = affinity.mean(dim=1, keepdim=True).softmax(dim=2)  # [B, 1, K, H, W]
     out = masks.float()
     for _ in range(num_iters):
         out = (neighbours(out) * weights).sum(dim=2)

@@ -10,8 +10,8 @@ from tqdm import tqdm
 
 from .datasets import DATASETS, OFFICIAL_COUNTS, LayoutError, SegmentationDataset
 
-__all__ = ['coco_stuff_to_object_lut', 'convert_coco_object_from_stuff', 'convert_coco_object_from_instances',
-           'CITYSCAPES_ID_TO_TRAIN_ID', 'convert_cityscapes', 'count_images']
+__all__ = ['COCO_CATEGORY_IDS', 'coco_stuff_to_object_lut', 'convert_coco_object_from_stuff',
+           'convert_coco_object_from_instances', 'CITYSCAPES_ID_TO_TRAIN_ID', 'convert_cityscapes', 'count_images']
 
 # COCO-Stuff-164k ids (0-based, 0-181) that no annotation uses.
 _UNUSED_STUFF_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
@@ -48,24 +48,40 @@ def convert_coco_object_from_stuff(coco_root: str, out_root: str, splits=('val20
     return n
 
 
+# COCO's 80 object categories by their fixed ids (1..90 with gaps), in the order of the COCO-Object class list:
+# label k (1..80) is COCO_CATEGORY_IDS[k - 1], whatever categories an annotation file lists.
+COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
+                     32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
+                     58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87,
+                     88, 89, 90)
+
+
 def convert_coco_object_from_instances(annotation_json: str, images_dir: str, out_root: str, split: str) -> int:
-    """COCO instance annotations (pycocotools) -> the same label maps: every instance mask painted with its category's
-    index in the 80-class list (1..80), later (larger) instances first so smaller ones stay visible; 0 elsewhere."""
+    """COCO instance annotations (pycocotools) -> the same label maps as :func:`convert_coco_object_from_stuff`.
+
+    Labels come from COCO's fixed category ids (:data:`COCO_CATEGORY_IDS`), not from the file's own category list,
+    so a file that lists only the categories it uses is labelled the same. Painting follows COCO-Stuff's own
+    conversion of thing annotations: crowd annotations are left out (their pixels stay 0, as the COCO-Stuff label
+    maps leave them unlabelled, which COCO-Object maps to background), and the others are painted in the file's
+    order, a later instance over an earlier one where they overlap; 0 elsewhere.
+    """
     try:
         from pycocotools.coco import COCO
     except ImportError as exc:
         raise ImportError('converting from instance annotations needs pycocotools: pip install pycocotools') from exc
     coco = COCO(annotation_json)
-    cat_ids = sorted(coco.getCatIds())
-    index = {c: i + 1 for i, c in enumerate(cat_ids)}
+    index = {c: i + 1 for i, c in enumerate(COCO_CATEGORY_IDS)}
+    unknown = sorted({a['category_id'] for a in coco.dataset.get('annotations', [])} - set(index))
+    if unknown:
+        raise ValueError(f'{annotation_json}: category ids {unknown} are not COCO object categories '
+                         f'(expected ids among {COCO_CATEGORY_IDS[0]}..{COCO_CATEGORY_IDS[-1]} of the 80 fixed ones)')
     dst = os.path.join(out_root, 'annotations', split)
     os.makedirs(dst, exist_ok=True)
     n = 0
     for img_id in tqdm(sorted(coco.getImgIds()), desc=f'coco-object {split}'):
         info = coco.loadImgs(img_id)[0]
         label = np.zeros((info['height'], info['width']), dtype=np.uint8)
-        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=None)), key=lambda a: -a['area'])
-        for ann in anns:
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=False)):  # the file's order
             label[coco.annToMask(ann) > 0] = index[ann['category_id']]
         Image.fromarray(label).save(os.path.join(dst, os.path.splitext(info['file_name'])[0] +
                                                  '_instanceTrainIds.png'))
