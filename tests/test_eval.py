@@ -17,7 +17,7 @@ from PIL import Image
 import pgseg
 from pgseg.data.synthetic.scenes import SceneConfig
 from pgseg.data.synthetic.writers import write_segmentation_set
-from pgseg.eval.classes import COCO_OBJECT
+from pgseg.eval.classes import COCO_OBJECT, VOC
 from pgseg.eval.datasets import DATASETS, LayoutError, build_dataset
 from pgseg.eval.imagenet import evaluate_imagenet
 from pgseg.eval.inference import pamr, predict_labels, preprocess_image
@@ -414,7 +414,7 @@ class _OneImageDataset(_OneImageSet):
     split, ids = 'val', ['img']
 
     class spec:
-        name = 'voc'
+        name, classes = 'voc', VOC  # its own class list, not the official one: kept under every naming
 
 
 def test_background_words_turn_their_pixels_into_background():
@@ -428,3 +428,64 @@ def test_background_words_turn_their_pixels_into_background():
     assert without['per_class_iou']['background'] == 0.0
     assert with_words['per_class_iou']['background'] == 100.0 and with_words['per_class_iou']['a'] == 100.0
     assert 'background words grass' in with_words['protocol']
+
+
+class _GridGroupsModel(_FixedGroupsModel):
+    """Two final groups on a 4x4 patch grid: columns 0-1 group 0, columns 2-3 group 1."""
+
+    def encode_image(self, x, with_group_embeds=True):
+        from pgseg.models.groupseg import ImageOutput
+        left = (torch.arange(16) % 4 < 2).float()
+        maps = torch.stack([left, 1 - left], dim=1).unsqueeze(0).expand(x.shape[0], -1, -1)  # [B, 16, 2]
+        embeds = self.group_embeds.expand(x.shape[0], -1, -1)
+        return ImageOutput(image_embeds=embeds.mean(1), group_embeds=embeds, group_maps=[maps], grid=(4, 4))
+
+
+def test_bench8_pamr_refines_each_window_on_the_patch_grid_before_upsampling():
+    import torch.nn.functional as F
+
+    from pgseg.eval.inference import crop_logits, group_class_affinity
+    model = _GridGroupsModel(torch.tensor([[[1.0, 0.2], [0.1, 1.0]]]))
+    classes = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    crop = torch.zeros(1, 3, 16, 16)
+    crop[..., :, 5:] = 2.0  # a colour edge at x = 5, not on the groups' edge (x = 8)
+    got = crop_logits(model, crop, classes, bg_thresh=0.4, bg_constant=True, window_pamr=True)
+    # by hand: the per-crop rule on the 4x4 grid, PAMR against the crop downsampled to 4x4 (corners aligned), then
+    # bilinear upsampling to the crop; the constant background 0.4 as channel 0
+    affinity = group_class_affinity(model.group_embeds, model.group_embeds.mean(1), classes, model.logit_scale)
+    grid = affinity[0].t()[:, (torch.arange(16) % 4 >= 2).long()].reshape(1, 2, 4, 4)  # [1, K, 4, 4]
+    refined = pamr(F.interpolate(crop, size=(4, 4), mode='bilinear', align_corners=True), grid)
+    expected = F.interpolate(refined, size=(16, 16), mode='bilinear', align_corners=False)
+    torch.testing.assert_close(got[:, 1:], expected)
+    assert (got[:, 0] == 0.4).all()
+    assert not torch.allclose(refined, grid)  # the refinement did move the grid's scores
+    whole = pamr(crop, crop_logits(model, crop, classes, bg_thresh=0.4, bg_constant=True)[:, 1:])
+    assert not torch.allclose(got[:, 1:], whole, atol=1e-3)  # not the full-resolution placement
+
+
+def test_protocols_carry_the_reproduced_codes_background_templates_and_names():
+    from types import SimpleNamespace
+
+    from pgseg.eval.segmentation import class_prompts
+    from pgseg.eval.templates import get_templates
+    assert get_protocol('bench8').background_for('voc') == (0.5, True)
+    assert get_protocol('bench8_pamr').background_for('voc') == (0.4, True)
+    assert get_protocol('bench8_pamr').pamr == 'window' and get_protocol('bench8').pamr == 'off'
+    tcl = get_templates(get_protocol('bench8').templates)
+    assert len(tcl) == 9 and tcl[-2:] == ('a photo of many {}.', 'a photo of {}s.')
+    assert get_protocol('pgseg').templates == get_protocol('groupvit').templates == 'simple'
+
+    def names(dataset, protocol):
+        spec = DATASETS[dataset]
+        return class_prompts(SimpleNamespace(classes=spec.classes, spec=spec), get_protocol(protocol))[0]
+    mmseg_voc = ['aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow', 'diningtable',
+                 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor']
+    assert names('voc', 'bench8') == names('voc20', 'bench8_pamr') == mmseg_voc
+    context = names('context', 'bench8')
+    assert context == names('context59', 'bench8') and len(context) == 59
+    assert (context[0], context[39], context[54]) == ('aeroplane', 'pottedplant', 'tvmonitor')
+    assert names('coco_object', 'bench8')[4] == names('coco_object', 'groupvit')[4] == 'airplane'
+    assert names('coco_object', 'pgseg')[4] == 'aeroplane '  # PGSeg's, trailing space included
+    assert names('voc', 'pgseg')[10] == 'table' and names('context', 'groupvit')[0] == 'airplane'
+    differ = sum(a != b for d in DATASETS for a, b in zip(names(d, 'pgseg'), names(d, 'bench8')))
+    assert differ == 13

@@ -1,4 +1,7 @@
-"""Class names of the evaluation datasets, exactly as the official code and mmseg list them: they are the prompts."""
+"""Class names of the evaluation datasets, exactly as the official code and mmseg list them: they are the prompts.
+
+The lists below are PGSeg's; each protocol names the code whose names it uses (``Protocol.class_names``), and
+:func:`prompt_names` gives a dataset's names under it (docs/protocols.md#class-names)."""
 from __future__ import annotations
 
 # a labelled set in an official layout that is not an official dataset (a synthetic set, a user's own) lists its
@@ -65,6 +68,26 @@ ADE20K = (
     'microwave', 'pot', 'animal', 'bicycle', 'lake', 'dishwasher', 'screen', 'blanket', 'sculpture', 'hood',
     'sconce', 'vase', 'traffic light', 'tray', 'ashcan', 'fan', 'pier', 'crt screen', 'plate', 'monitor',
     'bulletin board', 'shower', 'radiator', 'glass', 'clock', 'flag')
+
+# Where a code's prompt names differ from PGSeg's lists above: dataset -> {PGSeg's name: that code's name}.
+_MMSEG_VOC = {'table': 'diningtable', 'plant': 'pottedplant', 'monitor': 'tvmonitor'}
+_MMSEG_CONTEXT = {'airplane': 'aeroplane', 'plant': 'pottedplant', 'monitor': 'tvmonitor'}
+NAMINGS: dict[str, dict[str, dict[str, str]]] = {
+    'pgseg': {},
+    'groupvit': {'coco_object': {'aeroplane ': 'airplane'}},
+    # mmseg's dataset classes, which the 8-benchmark code (TCL) uses unchanged; COCO-Object's from its own list
+    'mmseg': {'voc': _MMSEG_VOC, 'voc20': _MMSEG_VOC, 'context': _MMSEG_CONTEXT, 'context59': _MMSEG_CONTEXT,
+              'coco_object': {'aeroplane ': 'airplane'}},
+}
+
+
+def prompt_names(dataset: str, names, naming: str) -> tuple[str, ...]:
+    """The class names of an official dataset (``names``, as its reader lists them) under a protocol's naming."""
+    if naming not in NAMINGS:
+        raise ValueError(f'unknown class naming {naming!r}; choose from {", ".join(NAMINGS)}')
+    renames = NAMINGS[naming].get(dataset, {})
+    return tuple(renames.get(n, n) for n in names)
+
 
 assert len(VOC) == 21 and len(CONTEXT) == 60 and len(COCO_OBJECT) == 81
 assert len(COCO_STUFF) == 171 and len(CITYSCAPES) == 19 and len(ADE20K) == 150

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from ..losses import clamp_logit_scale
 
 __all__ = ['window_slices', 'slide_windows', 'rgb_array', 'channel_argmax', 'group_class_affinity', 'crop_assignment',
-           'background_threshold', 'crop_logits', 'slide_logits', 'rescale_image', 'preprocess_image',
-           'predict_labels', 'pamr']
+           'winning_group_scores', 'background_threshold', 'crop_logits', 'slide_logits', 'rescale_image',
+           'preprocess_image', 'predict_labels', 'pamr']
 
 
 def window_slices(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
@@ -62,17 +62,31 @@ def group_class_affinity(group_embeds: torch.Tensor, image_embeds: torch.Tensor,
 
 
 @torch.no_grad()
-def crop_assignment(model, crops: torch.Tensor, class_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_assignment(model, crops: torch.Tensor, class_embeds: torch.Tensor,
+                    upsample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One encoder pass over same-sized crops [B, 3, h, w] -> (the final groups' soft assignment composed over stages
-    and upsampled bilinearly to the crop [B, G, h, w], the group-class affinity [B, G, K] in float32)."""
+    [B, G, h, w], upsampled bilinearly to the crop; with ``upsample=False`` at the patch grid [B, G, gh, gw]; the
+    group-class affinity [B, G, K] in float32)."""
     out = model.encode_image(crops)
     B, _, h, w = crops.shape
     gh, gw = out.grid
     maps = out.group_maps[-1].transpose(1, 2).reshape(B, -1, gh, gw)  # [B, G, gh, gw]
     maps = maps.to(torch.promote_types(maps.dtype, torch.float32))  # float32 (float64 for a float64 model)
-    upsampled = F.interpolate(maps, size=(h, w), mode='bilinear', align_corners=False)
+    if upsample:
+        maps = F.interpolate(maps, size=(h, w), mode='bilinear', align_corners=False)
     affinity = group_class_affinity(out.group_embeds, out.image_embeds, class_embeds, model.logit_scale)  # [B,G,K]
-    return upsampled, affinity
+    return maps, affinity
+
+
+def winning_group_scores(maps: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
+    """The per-crop rule: each pixel takes the group that wins its soft assignment and that group's class
+    affinities. maps: [B, G, h, w], affinity: [B, G, K] -> [B, K, h, w]."""
+    B, G, h, w = maps.shape
+    winner = channel_argmax(maps)  # [B, h, w]
+    # per pixel, the affinity row of its winning group: one-hot [B, G, hw] x affinity [B, G, K] -> [B, K, h, w]
+    # (exact: each sum has one nonzero term; written contiguously, unlike a gather with an expanded index)
+    one_hot = F.one_hot(winner.reshape(B, -1), G).to(affinity.dtype)  # [B, hw, G]
+    return torch.bmm(affinity.transpose(1, 2), one_hot.transpose(1, 2)).reshape(B, -1, h, w)
 
 
 def background_threshold(affinity: torch.Tensor, bg_thresh: float) -> torch.Tensor:
@@ -82,21 +96,21 @@ def background_threshold(affinity: torch.Tensor, bg_thresh: float) -> torch.Tens
 
 @torch.no_grad()
 def crop_logits(model, crops: torch.Tensor, class_embeds: torch.Tensor, bg_thresh: float = 0.95,
-                with_background: bool = True, bg_constant: bool = False) -> torch.Tensor:
+                with_background: bool = True, bg_constant: bool = False, window_pamr: bool = False) -> torch.Tensor:
     """Scores of same-sized crops [B, 3, h, w] -> [B, (1 +) K, h, w], one encoder pass.
 
     Each pixel takes the final group that wins its bilinearly upsampled soft assignment (composed over stages) and
-    that group's class affinities. Background (channel 0) is 1 where the best class score is below
-    min(bg_thresh, max affinity of the crop), else 0; with ``bg_constant`` it is the constant ``bg_thresh``.
+    that group's class affinities. With ``window_pamr`` (the 8-benchmark protocol with PAMR), the rule runs at the
+    patch grid instead, the grid's scores are refined by PAMR against the crop downsampled to the grid (bilinear,
+    corners aligned), then upsampled bilinearly to the crop. Background (channel 0) is 1 where the best class score
+    is below min(bg_thresh, max affinity of the crop), else 0; with ``bg_constant`` it is the constant ``bg_thresh``.
     """
-    upsampled, affinity = crop_assignment(model, crops, class_embeds)
     B, _, h, w = crops.shape
-    winner = channel_argmax(upsampled)  # [B, h, w]
-    K = affinity.shape[-1]
-    # per pixel, the affinity row of its winning group: one-hot [B, G, hw] x affinity [B, G, K] -> [B, K, h, w]
-    # (exact: each sum has one nonzero term; written contiguously, unlike a gather with an expanded index)
-    one_hot = F.one_hot(winner.reshape(B, -1), affinity.shape[1]).to(affinity.dtype)  # [B, hw, G]
-    fg = torch.bmm(affinity.transpose(1, 2), one_hot.transpose(1, 2)).reshape(B, K, h, w)
+    maps, affinity = crop_assignment(model, crops, class_embeds, upsample=not window_pamr)
+    fg = winning_group_scores(maps, affinity)
+    if window_pamr:
+        image = F.interpolate(crops.float(), size=fg.shape[-2:], mode='bilinear', align_corners=True)
+        fg = F.interpolate(pamr(image, fg), size=(h, w), mode='bilinear', align_corners=False)
     if not with_background:
         return fg
     if bg_constant:
@@ -108,11 +122,11 @@ def crop_logits(model, crops: torch.Tensor, class_embeds: torch.Tensor, bg_thres
 @torch.no_grad()
 def slide_logits(model, image: torch.Tensor, class_embeds: torch.Tensor, bg_thresh: float = 0.95,
                  with_background: bool = True, crop_size: int = 448, stride: int = 224,
-                 crops_per_batch: int = 8, bg_constant: bool = False) -> torch.Tensor:
+                 crops_per_batch: int = 8, bg_constant: bool = False, window_pamr: bool = False) -> torch.Tensor:
     """Sliding-window scores of normalised images [B, 3, H, W] -> [B, (1 +) K, H, W] (before any rescale).
 
-    Windows of ``crop_size`` with ``stride`` as mmseg's slide inference; each window's scores are summed into place
-    and divided by the per-pixel window count.
+    Windows of ``crop_size`` with ``stride`` as mmseg's slide inference; each window's scores (:func:`crop_logits`)
+    are summed into place and divided by the per-pixel window count.
     """
     if image.ndim != 4:
         raise ValueError(f'slide_logits expects images [B, 3, H, W], got shape {tuple(image.shape)}')
@@ -128,7 +142,8 @@ def slide_logits(model, image: torch.Tensor, class_embeds: torch.Tensor, bg_thre
         for i in range(0, len(windows), crops_per_batch):
             chunk = windows[i:i + crops_per_batch]
             crops = torch.stack([image[b, :, y0:y1, x0:x1] for (y0, y1), (x0, x1) in chunk])
-            scores = crop_logits(model, crops, class_embeds, bg_thresh, with_background, bg_constant).float()
+            scores = crop_logits(model, crops, class_embeds, bg_thresh, with_background, bg_constant,
+                                 window_pamr).float()
             for s, ((y0, y1), (x0, x1)) in zip(scores, chunk):
                 preds[b, :, y0:y1, x0:x1] += s
     return preds / count
@@ -171,8 +186,9 @@ def predict_labels(model, image, class_embeds: torch.Tensor, bg_thresh: float | 
     """One image -> (labels [H, W] at the original size, scores [C, H, W] at the original size).
 
     Resize (protocol.short_side), sliding windows, bilinear resize of the averaged scores to the original size (or
-    to ``size`` (H, W): the full size of an image decoded reduced), optional PAMR, argmax (the official softmax
-    before the argmax changes nothing).
+    to ``size`` (H, W): the full size of an image decoded reduced), argmax (the official softmax before the argmax
+    changes nothing). PAMR as the protocol places it: inside each window on the patch grid (``'window'``, the
+    8-benchmark code's), or once on the full-size scores against the original image (``'image'``).
     """
     arr = rgb_array(image)
     x = preprocess_image(arr, protocol.short_side, protocol.long_side).to(device)
@@ -180,10 +196,11 @@ def predict_labels(model, image, class_embeds: torch.Tensor, bg_thresh: float | 
                         enabled=autocast_dtype is not None):
         logits = slide_logits(model, x, class_embeds, bg_thresh=bg_thresh if bg_thresh is not None else 0.0,
                               with_background=with_background, crop_size=protocol.crop_size,
-                              stride=protocol.stride, bg_constant=bg_constant)
+                              stride=protocol.stride, bg_constant=bg_constant,
+                              window_pamr=protocol.pamr == 'window')
     size = tuple(size or arr.shape[:2])
     logits = F.interpolate(logits.float(), size=size, mode='bilinear', align_corners=False)
-    if protocol.pamr:
+    if protocol.pamr == 'image':
         rgb = torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].float().to(logits.device)
         if rgb.shape[-2:] != size:
             rgb = F.interpolate(rgb, size=size, mode='bilinear', align_corners=False)

@@ -10,6 +10,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..runtime.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process
+from .classes import prompt_names
 from .datasets import SegmentationDataset, build_dataset
 from .inference import predict_labels, preprocess_image
 from .metrics import confusion_matrix, segmentation_metrics
@@ -19,12 +20,15 @@ from .visualize import group_map_grid, label_image
 
 log = logging.getLogger('pgseg.eval')
 
-__all__ = ['evaluate_segmentation', 'build_in_training_evaluator']
+__all__ = ['evaluate_segmentation', 'class_prompts', 'build_in_training_evaluator']
 
 
-def _class_prompts(dataset: SegmentationDataset) -> tuple[list[str], bool]:
-    """Prompt names (without background) and whether the dataset has a background class."""
+def class_prompts(dataset: SegmentationDataset, protocol: Protocol) -> tuple[list[str], bool]:
+    """Prompt names (without background) under the protocol's class naming, and whether the dataset has a
+    background class. A dataset with its own class list (``pgseg_classes.json``) keeps its names."""
     names = list(dataset.classes)
+    if dataset.classes == dataset.spec.classes:
+        names = list(prompt_names(dataset.spec.name, names, protocol.class_names))
     with_bg = names[0] == 'background'
     return (names[1:] if with_bg else names), with_bg
 
@@ -37,7 +41,7 @@ def evaluate_segmentation(model, dataset: SegmentationDataset, protocol: Protoco
     all ranks. ``bg_thresh`` overrides the protocol's value for this dataset. With ``num_visuals`` > 0 the result
     also holds ``visual_grid``, a PIL image (input, prediction, ground truth, final groups) of the first images."""
     model.eval()
-    prompts, with_bg = _class_prompts(dataset)
+    prompts, with_bg = class_prompts(dataset, protocol)
     words = list(protocol.background_words) if with_bg else []
     if protocol.background_words and not with_bg:
         log.warning('%s has no background class: the background words %s are not used', dataset.spec.name,

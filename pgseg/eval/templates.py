@@ -1,4 +1,5 @@
-"""Prompt templates (docs/fidelity.md#class-embeddings): the sets the official code names, as format strings."""
+"""Prompt templates (docs/fidelity.md#class-embeddings, docs/protocols.md): the sets the reproduced codes name, as
+format strings."""
 from __future__ import annotations
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
@@ -11,6 +12,10 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
                'a {} in a video game.', 'art of the {}.', 'a photo of the small {}.'),  # ImageNet evaluation
     'full': tuple(t('{}') for t in OPENAI_IMAGENET_TEMPLATES),  # CLIP's 80 ImageNet templates (multi-label prompts)
     'identity': ('{}',),
+    # the 8-benchmark protocol's: 'subset' plus two (the released code's "custom" set)
+    'tcl': ('itap of a {}.', 'a bad photo of a {}.', 'a origami {}.', 'a photo of the large {}.',
+            'a {} in a video game.', 'art of the {}.', 'a photo of the small {}.', 'a photo of many {}.',
+            'a photo of {}s.'),
 }
 
 
