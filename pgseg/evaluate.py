@@ -5,6 +5,7 @@ matrices summed).
     pgseg-eval --checkpoint X --dataset voc --dataset context --data-root data/eval --protocol pgseg
     pgseg-eval --checkpoint X --imagenet data/imagenet/val          # an ImageFolder tree, or a shard pattern
     pgseg-eval --prompts runs/mvpseg/prompts.pt --dataset voc20     # MVP-SEG prompts: mIoU(S), mIoU(U), hIoU
+    pgseg-eval --clip ViT-B-16 --clip-pretrained openai --dense sclip --dataset voc   # training-free CLIP
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .eval.imagenet import evaluate_imagenet
 from .eval.metrics import format_table
 from .eval.protocols import PROTOCOLS, get_protocol
 from .eval.segmentation import evaluate_segmentation
+from .eval.training_free import CLIP_PROTOCOLS, evaluate_training_free, get_clip_protocol
 from .runtime.cli import run_command, setup_cpu_process, setup_logging
 from .runtime.distributed import init_distributed, is_main_process
 from .runtime.precision import bf16_flag_dtype
@@ -43,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--data-root', default=os.environ.get('PGSEG_EVAL_DATA', 'data/eval'),
                         help='folder holding VOCdevkit/, coco/, ... (default: $PGSEG_EVAL_DATA or data/eval)')
     parser.add_argument('--split', default=None, help='dataset split (default: val; validation for ADE20K)')
-    parser.add_argument('--protocol', default='pgseg', choices=list(PROTOCOLS))
+    parser.add_argument('--clip', default=None, help='a training-free CLIP instead of a checkpoint: an open_clip '
+                        'model name (ViT-B-16) or an open_clip model config JSON file')
+    parser.add_argument('--clip-pretrained', default=None, help='with --clip: a weights file, or an open_clip '
+                        'pretrained tag already in the local cache (never downloaded); none: random weights')
+    parser.add_argument('--dense', default='sclip', choices=list(mvpseg.DENSE_RULES),
+                        help="with --clip: the last block's training-free rule (default sclip)")
+    parser.add_argument('--protocol', default=None, choices=list(PROTOCOLS) + list(CLIP_PROTOCOLS),
+                        help='evaluation protocol (default: pgseg; with --clip: sclip); docs/protocols.md')
     parser.add_argument('--bg-thresh', type=float, default=None, help="override the protocol's background value")
     parser.add_argument('--templates', default=None, help="prompt template set (default: the protocol's)")
     parser.add_argument('--background-words', default=None,
@@ -75,8 +84,21 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f'{", ".join(unused)}: not used with --prompts (the prompts file fixes the classifier; '
                          'pixels are scored over seen and unseen classes, without a background rule)')
         return _main_prompts(args)
+    if args.clip:
+        if args.checkpoint:
+            parser.error('give --checkpoint or --clip, not both')
+        args.protocol = args.protocol or 'sclip'
+        unused = [f'--{name.replace("_", "-")}' for name in ('bg_thresh', 'background_words', 'imagenet')
+                  if getattr(args, name) != parser.get_default(name)]
+        if args.protocol not in CLIP_PROTOCOLS or unused:
+            parser.error(f'with --clip: a training-free protocol ({", ".join(CLIP_PROTOCOLS)}), not '
+                         f'{", ".join(unused) if unused else "--protocol " + args.protocol}')
+        return _main_clip(args)
     if not args.checkpoint:
-        parser.error('--checkpoint is required (or --prompts)')
+        parser.error('--checkpoint is required (or --prompts, or --clip)')
+    args.protocol = args.protocol or 'pgseg'
+    if args.protocol in CLIP_PROTOCOLS:
+        parser.error(f'--protocol {args.protocol} scores training-free CLIP models: use it with --clip')
     def body() -> None:
         device, _ = init_distributed()
         model = load_model(args.checkpoint).to(device)
@@ -144,6 +166,39 @@ def _main_prompts(args) -> int:
             print(f'\nwrote {_write_results(args.out, results)}')
 
     return run_command('pgseg-eval', body, (LayoutError, CheckpointError, ValueError, FileNotFoundError))
+
+
+def _main_clip(args) -> int:
+    """``pgseg-eval --clip NAME``: a training-free CLIP model's dense features under a training-free protocol."""
+    def body() -> None:
+        device, _ = init_distributed()
+        model_config = None
+        name = args.clip
+        if args.clip.endswith('.json'):
+            try:
+                with open(args.clip) as f:
+                    model_config = json.load(f)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ValueError(f'--clip {args.clip}: not a readable open_clip model config JSON ({exc})') from None
+            name = None
+        backbone = mvpseg.build_backbone(mvpseg.BackboneConfig(
+            kind='clip', name=name, model_config=model_config, pretrained=args.clip_pretrained,
+            dense=args.dense)).to(device)
+        protocol = get_clip_protocol(args.protocol, args.short_side, args.crop_size, args.stride, args.templates)
+        dtype = bf16_flag_dtype(args.bf16, device)
+        results = {'clip': args.clip, 'pretrained': args.clip_pretrained, 'dense': args.dense, 'results': []}
+        os.makedirs(args.out, exist_ok=True)
+        for name in args.dataset:
+            ds = build_dataset(name, args.data_root, args.split)
+            m = evaluate_training_free(backbone, ds, protocol, device, args.limit, dtype)
+            if is_main_process():
+                print('\n' + format_table(m, f'{name} ({m["num_images"]} images), {args.clip} {args.dense}, '
+                                             f'{m["protocol"]}'))
+            results['results'].append(m)
+        if is_main_process():
+            print(f'\nwrote {_write_results(args.out, results)}')
+
+    return run_command('pgseg-eval', body, (LayoutError, ValueError, FileNotFoundError))
 
 
 def _write_results(out: str, results: dict) -> str:

@@ -81,10 +81,43 @@ NAMINGS: dict[str, dict[str, dict[str, str]]] = {
 }
 
 
+# SCLIP-family name files: several queries per class where the file lists synonyms (a class scores the best of its
+# queries), background of VOC and COCO-Object as 26 stuff words; COCO-Stuff, ADE20K and Cityscapes names are written
+# without spaces ('trafficlight'). By dataset: {PGSeg's name: the queries}.
+_SCLIP_BACKGROUND = ('sky', 'wall', 'tree', 'wood', 'grass', 'road', 'sea', 'river', 'mountain', 'sands', 'desk', 'bed',
+                     'building', 'cloud', 'lamp', 'door', 'window', 'wardrobe', 'ceiling', 'shelf', 'curtain', 'stair',
+                     'floor', 'hill', 'rail', 'fence')
+_SCLIP_PERSON = ('person', 'person in shirt', 'person in jeans', 'person in dress', 'person in sweater',
+                 'person in skirt', 'person in jacket')
+_SCLIP_VOC = {'background': _SCLIP_BACKGROUND, 'boat': ('ship',), 'plant': ('pottedplant',), 'person': _SCLIP_PERSON,
+              'monitor': ('television monitor', 'tv monitor', 'monitor', 'television', 'screen')}
+SCLIP_QUERIES: dict[str, dict[str, tuple[str, ...]]] = {
+    'voc': _SCLIP_VOC, 'voc20': _SCLIP_VOC,
+    'context': {k: (v,) for k, v in _MMSEG_CONTEXT.items()},
+    'context59': {k: (v,) for k, v in _MMSEG_CONTEXT.items()},
+    'coco_object': {'background': _SCLIP_BACKGROUND, 'person': _SCLIP_PERSON + ('body',), 'aeroplane ': ('airplane',)},
+}
+_SCLIP_NO_SPACES = ('coco_stuff', 'ade20k', 'cityscapes')
+
+
+def query_names(dataset: str, names, naming: str) -> list[tuple[str, ...]]:
+    """Per class of an official dataset, the text queries it is scored by: one (the protocol's name) for every
+    naming but ``'sclip'``, whose name files give several for some classes."""
+    if naming != 'sclip':
+        return [(n,) for n in prompt_names(dataset, names, naming)]
+    renames = SCLIP_QUERIES.get(dataset, {})
+    out = []
+    for n in names:
+        queries = renames.get(n, (n.strip(),))
+        out.append(tuple(q.replace(' ', '') for q in queries) if dataset in _SCLIP_NO_SPACES else queries)
+    return out
+
+
 def prompt_names(dataset: str, names, naming: str) -> tuple[str, ...]:
     """The class names of an official dataset (``names``, as its reader lists them) under a protocol's naming."""
     if naming not in NAMINGS:
-        raise ValueError(f'unknown class naming {naming!r}; choose from {", ".join(NAMINGS)}')
+        raise ValueError(f'unknown class naming {naming!r}; choose from {", ".join(NAMINGS)} (and sclip, which gives '
+                         'several queries per class: query_names)')
     renames = NAMINGS[naming].get(dataset, {})
     return tuple(renames.get(n, n) for n in names)
 

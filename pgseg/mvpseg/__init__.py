@@ -6,9 +6,17 @@ OCLoss and Global Prompt Refining, trained on seen classes and evaluated over se
     pgseg-segment photo.jpg --prompts runs/mvpseg/prompts.pt --classes "cat,dog"
 
 What the core commands use of MVP-SEG is this package's interface: ``load_prompt_classifier``, ``SlideSettings``,
-``evaluate_seen_unseen``, ``resolve_unseen`` and ``PromptSegmenter``.
+``evaluate_seen_unseen``, ``resolve_unseen`` and ``PromptSegmenter``; ``build_backbone`` and ``DENSE_RULES`` for the
+training-free CLIP evaluation (``pgseg-eval --clip``).
 """
-from .backbones import BackboneConfig, ClipDenseBackbone, DenseBackbone, GroupSegDenseBackbone, build_backbone
+from .backbones import (
+    DENSE_RULES,
+    BackboneConfig,
+    ClipDenseBackbone,
+    DenseBackbone,
+    GroupSegDenseBackbone,
+    build_backbone,
+)
 from .inference import SlideSettings, evaluate_seen_unseen
 from .learner import (
     MultiViewPrompts,
@@ -24,8 +32,8 @@ from .prompt_file import load_prompt_classifier, load_prompts, save_prompts
 from .segmenter import PromptSegmenter
 from .splits import SPLITS, harmonic_iou, resolve_split, resolve_unseen, seen_unseen_metrics
 
-__all__ = ['BackboneConfig', 'DenseBackbone', 'ClipDenseBackbone', 'GroupSegDenseBackbone', 'build_backbone',
-           'PromptConfig', 'MultiViewPrompts', 'TemplateClassifier', 'PixelLogits', 'orthogonality_loss',
-           'segmentation_loss', 'presence_loss', 'refined_log_probs', 'load_prompts', 'save_prompts', 'SPLITS',
-           'harmonic_iou', 'resolve_split', 'resolve_unseen', 'seen_unseen_metrics', 'load_prompt_classifier',
-           'SlideSettings', 'evaluate_seen_unseen', 'PromptSegmenter']
+__all__ = ['DENSE_RULES', 'BackboneConfig', 'DenseBackbone', 'ClipDenseBackbone', 'GroupSegDenseBackbone',
+           'build_backbone', 'PromptConfig', 'MultiViewPrompts', 'TemplateClassifier', 'PixelLogits',
+           'orthogonality_loss', 'segmentation_loss', 'presence_loss', 'refined_log_probs', 'load_prompts',
+           'save_prompts', 'SPLITS', 'harmonic_iou', 'resolve_split', 'resolve_unseen', 'seen_unseen_metrics',
+           'load_prompt_classifier', 'SlideSettings', 'evaluate_seen_unseen', 'PromptSegmenter']

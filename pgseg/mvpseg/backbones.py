@@ -4,6 +4,9 @@
   to res5, then the attention pool's value and output projections applied as 1x1 convolutions (query, key and the
   pool's positional embedding unused). ViT CLIPs: the last block with its query-key attention replaced by the value
   path (``out_proj(v_proj(ln_1(x)))``, residual and MLP kept), then ``ln_post`` and ``proj`` on every patch token.
+  The training-free methods' rules for the last ViT block are options (``dense``, :data:`DENSE_RULES`;
+  docs/protocols.md#training-free-clip-methods); any input size a multiple of the patch works (the positional
+  embedding is resized bicubically to the input's patch grid).
 - :class:`GroupSegDenseBackbone`: a pgseg GroupViT / PGSeg model. The feature of a patch is the mix of the final
   (projected, L2-normalised) group embeddings weighted by the patch's soft assignment to each group.
 
@@ -25,7 +28,17 @@ from ..data.text import tokenize, trim_padding
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ['BackboneConfig', 'DenseBackbone', 'ClipDenseBackbone', 'GroupSegDenseBackbone', 'build_backbone',
-           'CLIP_MEAN', 'CLIP_STD']
+           'CLIP_MEAN', 'CLIP_STD', 'DENSE_RULES']
+
+# The last ViT block of each training-free method (x: the block's input tokens, CLS first; a = attention over
+# ln_1(x) with head-dim^-0.5 scaling; o = out_proj):
+#   maskclip:  x + o(v),                                   then + mlp(ln_2(.))   (MaskCLIP's release)
+#   sclip:     x + o((softmax(q q^T) + softmax(k k^T)) v), then + mlp(ln_2(.))   (correlative self-attention)
+#   clearclip: o(softmax(q q^T) v)                         (no residual, no MLP)
+#   naclip:    o(softmax(k k^T + G) v)                     (no residual, no MLP; G a Gaussian over patch positions,
+#                                                           std 5 patches, 0 on the CLS row and column)
+DENSE_RULES = ('maskclip', 'sclip', 'clearclip', 'naclip')
+NACLIP_GAUSSIAN_STD = 5.0
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,6 +64,7 @@ class BackboneConfig:
     model_config: dict[str, Any] | None = None
     quick_gelu: bool | None = None
     logit_scale: float | None = None  # None: the backbone's own (exp of its learned logit scale)
+    dense: str = 'maskclip'  # kind: clip only: the last ViT block's rule (DENSE_RULES)
 
 
 class DenseBackbone(nn.Module):
@@ -121,8 +135,11 @@ class DenseBackbone(nn.Module):
 class ClipDenseBackbone(DenseBackbone):
     """An open_clip ``CLIP`` (ResNet or ViT image tower) with MaskCLIP's dense value-embedding features."""
 
-    def __init__(self, clip: nn.Module):
+    def __init__(self, clip: nn.Module, dense: str = 'maskclip'):
         super().__init__()
+        if dense not in DENSE_RULES:
+            raise ValueError(f'unknown dense rule {dense!r}; choose from {", ".join(DENSE_RULES)}')
+        self.dense = dense
         if not hasattr(clip, 'token_embedding'):
             raise ValueError('ClipDenseBackbone needs an open_clip CLIP with a built-in text tower '
                              '(CustomTextCLIP / Hugging Face text towers are not supported)')
@@ -138,6 +155,8 @@ class ClipDenseBackbone(DenseBackbone):
         self.context_length = int(clip.context_length)
         self.mean, self.std = CLIP_MEAN, CLIP_STD
         self.logit_scale = float(clip.logit_scale.detach().exp())
+        if self.is_resnet and dense != 'maskclip':
+            raise ValueError(f'dense rule {dense!r} needs a ViT CLIP (ResNet CLIPs have the maskclip rule only)')
         self.freeze()
 
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -148,26 +167,69 @@ class ClipDenseBackbone(DenseBackbone):
             pool = visual.attnpool
             v = F.conv2d(x, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)
             return F.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)  # [B, D, h, w]
-        grid = visual.grid_size
         patch = visual.patch_size
-        if images.shape[-2:] != (grid[0] * patch[0], grid[1] * patch[1]):
-            raise ValueError(f'ViT CLIP backbone: input {tuple(images.shape[-2:])} must be the model image size '
-                             f'{(grid[0] * patch[0], grid[1] * patch[1])} (use sliding windows of that size)')
-        x = visual._embeds(images)  # [B, 1 + hw, width]
+        if images.shape[-2] % patch[0] or images.shape[-1] % patch[1]:
+            raise ValueError(f'ViT CLIP backbone: input {tuple(images.shape[-2:])} must be a multiple of the patch '
+                             f'size {tuple(patch)} (pad it, or use sliding windows of such a size)')
+        grid = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])
+        x = self._tokens(images, grid)  # [B, 1 + hw, width]
         blocks = visual.transformer.resblocks
         for blk in blocks[:-1]:
             x = blk(x)
-        last = blocks[-1]
-        attn = last.attn
-        width = x.shape[-1]
-        v = F.linear(last.ln_1(x), attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:]
-                     if attn.in_proj_bias is not None else None)
-        x = x + last.ls_1(attn.out_proj(v))  # the value path instead of query-key attention
-        x = x + last.ls_2(last.mlp(last.ln_2(x)))
+        x = self._last_block(blocks[-1], x, grid)
         x = visual.ln_post(x[:, 1:])  # patch tokens only
         if visual.proj is not None:
             x = x @ visual.proj
         return x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
+
+    def _tokens(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The ViT's input tokens (open_clip's ``_embeds``), its positional embedding resized bicubically to ``grid``
+        when the input is not the model's image size."""
+        visual = self.clip.visual
+        if tuple(grid) == tuple(visual.grid_size):
+            return visual._embeds(images)
+        x = visual.conv1(images).flatten(2).transpose(1, 2)  # [B, hw, width]
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        pos = visual.positional_embedding.to(x.dtype)
+        gh, gw = visual.grid_size
+        patches = pos[1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=grid, mode='bicubic', align_corners=False)
+        pos = torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
+        x = torch.cat([cls, x], dim=1) + pos
+        return visual.ln_pre(visual.patch_dropout(x))
+
+    def _last_block(self, block: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The last block under the backbone's dense rule (:data:`DENSE_RULES`). x: [B, 1 + hw, width]."""
+        attn = block.attn
+        B, N, width = x.shape
+        heads = attn.num_heads
+        bias = attn.in_proj_bias if attn.in_proj_bias is not None else x.new_zeros(3 * width)
+        q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, bias).chunk(3, dim=-1)
+        if self.dense == 'maskclip':
+            x = x + block.ls_1(attn.out_proj(v))  # the value path instead of query-key attention
+            return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+        def split(t):  # [B, N, width] -> [B, heads, N, head_dim]
+            return t.reshape(B, N, heads, width // heads).transpose(1, 2)
+        q, k, v = split(q), split(k), split(v)
+        scale = (width // heads) ** -0.5
+
+        def attend(a, b, extra=None):  # softmax(a b^T * scale (+ extra)) v
+            logits = (a @ b.transpose(-2, -1)) * scale
+            if extra is not None:
+                logits = logits + extra
+            return logits.softmax(dim=-1) @ v
+        if self.dense == 'sclip':
+            out = attend(q, q) + attend(k, k)
+        elif self.dense == 'clearclip':
+            out = attend(q, q)
+        else:  # naclip
+            out = attend(k, k, _gaussian_neighbourhood(grid, NACLIP_GAUSSIAN_STD, x.device, x.dtype))
+        out = attn.out_proj(out.transpose(1, 2).reshape(B, N, width))
+        if self.dense == 'sclip':
+            x = x + block.ls_1(out)
+            return x + block.ls_2(block.mlp(block.ln_2(x)))
+        return out
 
     def _text_parts(self):
         clip = self.clip
@@ -205,6 +267,16 @@ class GroupSegDenseBackbone(DenseBackbone):
     def encode_with_context(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         with self.model.attention_kernels(embeddings.device):
             return super().encode_with_context(embeddings, tokens)
+
+
+def _gaussian_neighbourhood(grid: tuple[int, int], std: float, device, dtype) -> torch.Tensor:
+    """[1 + hw, 1 + hw] attention bias: exp(-d^2 / (2 std^2)) for patches at grid distance d, 0 on the CLS row and
+    column."""
+    ys, xs = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing='ij')
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=1).to(dtype)  # [hw, 2]
+    bias = torch.zeros(1 + pos.shape[0], 1 + pos.shape[0], device=device, dtype=dtype)
+    bias[1:, 1:] = torch.exp(-torch.cdist(pos, pos).pow(2) / (2 * std ** 2))
+    return bias
 
 
 def _load_clip(cfg: BackboneConfig) -> nn.Module:
@@ -268,7 +340,7 @@ def build_backbone(cfg: BackboneConfig, model: nn.Module | None = None) -> Dense
             model = load_model(path)
         backbone: DenseBackbone = GroupSegDenseBackbone(model)
     elif cfg.kind == 'clip':
-        backbone = ClipDenseBackbone(model if model is not None else _load_clip(cfg))
+        backbone = ClipDenseBackbone(model if model is not None else _load_clip(cfg), dense=cfg.dense)
     else:
         raise ValueError(f"backbone.kind must be 'pgseg' or 'clip', got {cfg.kind!r}")
     if cfg.logit_scale is not None:
