@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             parser.error('give --checkpoint or --clip, not both')
         args.protocol = args.protocol or 'sclip'
-        unused = [f'--{name.replace("_", "-")}' for name in ('bg_thresh', 'background_words', 'imagenet')
+        unused = [f'--{name.replace("_", "-")}' for name in ('bg_thresh', 'background_words', 'imagenet', 'wandb',
+                                                            'visualize')
                   if getattr(args, name) != parser.get_default(name)]
         if args.protocol not in CLIP_PROTOCOLS or unused:
             parser.error(f'with --clip: a training-free protocol ({", ".join(CLIP_PROTOCOLS)}), not '
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return _main_clip(args)
     if not args.checkpoint:
         parser.error('--checkpoint is required (or --prompts, or --clip)')
+    clip_only = [f'--{name.replace("_", "-")}' for name in ('dense', 'clip_pretrained')
+                 if getattr(args, name) != parser.get_default(name)]
+    if clip_only:
+        parser.error(f'{", ".join(clip_only)}: only with --clip (a training-free CLIP model)')
     args.protocol = args.protocol or 'pgseg'
     if args.protocol in CLIP_PROTOCOLS:
         parser.error(f'--protocol {args.protocol} scores training-free CLIP models: use it with --clip')
@@ -210,9 +215,9 @@ def _write_results(out: str, results: dict) -> str:
 
 
 def _log_wandb(args, results) -> None:
-    if args.wandb == 'disabled':
+    from .training.logger import MetricsLogger, resolve_wandb_mode
+    if resolve_wandb_mode(args.wandb, '--wandb')[0] == 'disabled':  # WANDB_MODE, when set, wins (with a warning)
         return
-    from .training.logger import MetricsLogger
     logger = MetricsLogger(args.out, wandb_mode=args.wandb, project='pgseg-eval', config=vars(args),
                            setting_name='--wandb')
     values, images = {}, {}

@@ -293,6 +293,9 @@ def test_openai_torchscript_weights_load_and_tags_choose_quick_gelu(tmp_path, mo
     for key, value in source.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
     torch.testing.assert_close(loaded.encode_text(text), source.encode_text(text))
+    # a TorchScript release file is OpenAI's own: QuickGELU without being told
+    unsaid = _load_clip(BackboneConfig(kind='clip', model_config=CLIP_CONFIGS['clip_rn'], pretrained=path)).eval()
+    torch.testing.assert_close(unsaid.encode_text(text), source.encode_text(text))
     # an open_clip tag whose weights need QuickGELU (OpenAI's) builds the model with it, without being told
     built = {}
 

@@ -254,7 +254,7 @@ def test_wandb_mode_from_the_environment_is_announced_and_runs_are_named(tmp_pat
     monkeypatch.setenv('WANDB_MODE', 'disabled')
     with caplog.at_level('WARNING', logger='pgseg.training.logger'):
         logger = MetricsLogger(str(tmp_path / 'run-7'), wandb_mode='online')
-    assert logger.wandb_mode == 'disabled' and logger.wandb_name == 'run-7'
+    assert logger.wandb_mode == 'disabled' and logger.wandb_name == f'{tmp_path.name}/run-7'
     assert 'WANDB_MODE=disabled wins over log.wandb_mode=online' in caplog.text
     caplog.clear()
     with caplog.at_level('WARNING', logger='pgseg.training.logger'):

@@ -2,7 +2,9 @@
 attention, the SCLIP-family post-processing on hand-made scores, the name files, and pgseg-eval --clip end to end."""
 from __future__ import annotations
 
+import copy
 import json
+import os
 
 import pytest
 import torch
@@ -26,31 +28,38 @@ def _backbone(dense: str, seed: int = 0):
     return build_backbone(BackboneConfig(kind='clip', model_config=TINY_VIT, dense=dense))
 
 
+def _tied(attn, source: str, target: str):
+    """A copy of an nn.MultiheadAttention whose ``target`` projection (query or key) is its ``source`` one."""
+    rows = {'query': slice(0, attn.embed_dim), 'key': slice(attn.embed_dim, 2 * attn.embed_dim)}
+    out = copy.deepcopy(attn)
+    with torch.no_grad():
+        out.in_proj_weight[rows[target]] = attn.in_proj_weight[rows[source]]
+        out.in_proj_bias[rows[target]] = attn.in_proj_bias[rows[source]]
+    return out
+
+
 def _reference(backbone, images, dense: str) -> torch.Tensor:
-    """The rule written with torch's nn.MultiheadAttention on weights where it computes the same thing: keys tied
-    to queries (q q^T for ClearCLIP; SCLIP's two terms then equal), queries tied to keys for NACLIP, whose
-    neighbourhood enters as MultiheadAttention's additive float mask."""
+    """The rule written with torch's nn.MultiheadAttention on copies of the block's attention where it computes
+    the same thing: keys tied to queries gives softmax(q q^T) v, queries tied to keys softmax(k k^T) v; NACLIP's
+    neighbourhood enters as MultiheadAttention's additive float mask. The backbone's own weights stay untied."""
     visual = backbone.clip.visual
     block = visual.transformer.resblocks[-1]
     attn = block.attn
-    width = attn.embed_dim
     with torch.no_grad():
-        w, b = attn.in_proj_weight, attn.in_proj_bias
-        if dense in ('clearclip', 'sclip'):
-            w[width:2 * width] = w[:width]
-            b[width:2 * width] = b[:width]
-        else:
-            w[:width] = w[width:2 * width]
-            b[:width] = b[width:2 * width]
         grid = (images.shape[-2] // 16, images.shape[-1] // 16)
         x = backbone._tokens(images, grid)
         for blk in visual.transformer.resblocks[:-1]:
             x = blk(x)
         h = block.ln_1(x)
-        mask = _gaussian_neighbourhood(grid, NACLIP_GAUSSIAN_STD, x.device, x.dtype) if dense == 'naclip' else None
-        out = attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-        if dense == 'sclip':  # out_proj(2 A v) = 2 (out_proj(A v) - bias) + bias
-            x = x + 2 * out - attn.out_proj.bias
+
+        def mha(source, target, mask=None):
+            return _tied(attn, source, target)(h, h, h, need_weights=False, attn_mask=mask)[0]
+        if dense == 'clearclip':
+            out = mha('query', 'key')
+        elif dense == 'naclip':
+            out = mha('key', 'query', _gaussian_neighbourhood(grid, NACLIP_GAUSSIAN_STD, x.device, x.dtype))
+        else:  # sclip: out_proj(A_qq v + A_kk v) = out_proj(A_qq v) + out_proj(A_kk v) - bias
+            x = x + mha('query', 'key') + mha('key', 'query') - attn.out_proj.bias
             out = x + block.mlp(block.ln_2(x))
         y = visual.ln_post(out[:, 1:]) @ visual.proj
     return y.transpose(1, 2).reshape(images.shape[0], -1, *grid)
@@ -155,6 +164,7 @@ def test_query_embeddings_average_normalised_prompts():
 def test_eval_scores_a_training_free_clip(tmp_path, capsys):
     root = tmp_path / 'data'
     write_segmentation_set(str(root), 'voc', 3, seed=5, scene=SceneConfig(size=48), progress=False)
+    os.remove(root / 'VOCdevkit/VOC2012/pgseg_classes.json')  # read as the official VOC: SCLIP's name file applies
     config = tmp_path / 'tiny_vit.json'
     config.write_text(json.dumps(TINY_VIT))
     code = eval_main(['--clip', str(config), '--dense', 'naclip', '--dataset', 'voc', '--data-root', str(root),
@@ -164,9 +174,11 @@ def test_eval_scores_a_training_free_clip(tmp_path, capsys):
     r = results['results'][0]
     assert results['dense'] == 'naclip' and r['num_images'] == 3 and 0.0 <= r['miou'] <= 100.0
     assert 'sclip (voc): short side 64' in r['protocol'] and 'logit scale 65.0' in r['protocol']
-    assert 'windows 48/16' in r['protocol']
+    assert 'windows 48/16' in r['protocol'] and 'area threshold 0.1' in r['protocol']
+    assert len(r['queries']['background']) == 26 and len(r['queries']['person']) == 7  # one query per synonym
     # protocols and models that do not go together are refused before anything runs
-    for argv in (['--clip', str(config), '--protocol', 'pgseg'], ['--checkpoint', 'x', '--protocol', 'sclip']):
+    for argv in (['--clip', str(config), '--protocol', 'pgseg'], ['--checkpoint', 'x', '--protocol', 'sclip'],
+                 ['--clip', str(config), '--wandb', 'offline'], ['--checkpoint', 'x', '--dense', 'naclip']):
         with pytest.raises(SystemExit) as stop:
             eval_main(argv + ['--dataset', 'voc', '--out', str(tmp_path / 'refused')])
         assert stop.value.code == 2

@@ -98,7 +98,7 @@ def clip_window_scores(backbone, image, queries: torch.Tensor, short_side: int, 
                        size: tuple[int, int] | None = None) -> torch.Tensor:
     """One RGB image -> the cosine of every pixel with every query [Q, H, W], averaged over the sliding windows and
     resized bilinearly to the image's size (or ``size``). A window is zero-padded (the mean colour after
-    normalisation) to a multiple of the patch size and its scores cut back."""
+    normalisation) on both sides to a multiple of the patch size and its scores cut back."""
     arr = rgb_array(image)
     device = queries.device
     x = backbone.normalize(rescale_image(arr, short_side, long_side).to(device) / 255.0)
@@ -116,10 +116,13 @@ def clip_window_scores(backbone, image, queries: torch.Tensor, short_side: int, 
             by_size.setdefault((y1 - y0, x1 - x0), []).append(box)
         for (h, w), boxes in by_size.items():
             crops = torch.cat([x[:, :, y0:y1, x0:x1] for (y0, y1), (x0, x1) in boxes])
-            ph, pw = -h % patch[0], -w % patch[1]
-            feats = F.normalize(backbone.dense_features(F.pad(crops, (0, pw, 0, ph))).float(), dim=1)  # [b, D, h', w']
+            ph, pw = -h % patch[0], -w % patch[1]  # padding split evenly, the odd pixel after (SCLIP's rule)
+            top, left = ph // 2, pw // 2
+            padded = F.pad(crops, (left, pw - left, top, ph - top))
+            feats = F.normalize(backbone.dense_features(padded).float(), dim=1)  # [b, D, h', w']
             cos = torch.einsum('bdhw,qd->bqhw', feats, queries)
-            cos = F.interpolate(cos, size=(h + ph, w + pw), mode='bilinear', align_corners=False)[..., :h, :w]
+            cos = F.interpolate(cos, size=(h + ph, w + pw), mode='bilinear', align_corners=False)
+            cos = cos[..., top:top + h, left:left + w]
             for c, ((y0, y1), (x0, x1)) in zip(cos, boxes):
                 total[:, y0:y1, x0:x1] += c
                 count[:, y0:y1, x0:x1] += 1

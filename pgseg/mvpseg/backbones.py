@@ -53,8 +53,9 @@ class BackboneConfig:
     open_clip pretrained tag already in the local cache (never downloaded: HF_HUB_OFFLINE), or null for random
     weights (tests only). ``quick_gelu`` picks the text and image towers' activation: OpenAI's CLIP weights were trained
     with QuickGELU, so a model built with nn.GELU under them gives wrong embeddings without any error; null takes the
-    pretrained tag's own setting (True for ``openai``) and otherwise open_clip's default for ``name``; set it true for
-    OpenAI's own ``RN50.pt`` file (a TorchScript archive, which is read too). ``kind: pgseg``: ``checkpoint`` a pgseg
+    pretrained tag's own setting (True for ``openai``), True for OpenAI's own release files (``ViT-B-16.pt``,
+    TorchScript archives, which are read too), and otherwise open_clip's default for ``name``; set it true for OpenAI
+    weights saved as a plain state dict. ``kind: pgseg``: ``checkpoint`` a pgseg
     checkpoint directory (or a training run directory: its newest checkpoint) or an official .pth.
     """
     kind: str = 'pgseg'  # 'pgseg' or 'clip'
@@ -284,11 +285,14 @@ def _load_clip(cfg: BackboneConfig) -> nn.Module:
     tag_cfg = {}
     if cfg.pretrained and not os.path.isfile(cfg.pretrained) and cfg.name:
         tag_cfg = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained) or {}
-    quick_gelu = cfg.quick_gelu if cfg.quick_gelu is not None else bool(tag_cfg.get('quick_gelu', False))
+    quick_gelu = cfg.quick_gelu
+    if quick_gelu is None:  # the tag's setting; OpenAI's own TorchScript release files were all trained with it
+        quick_gelu = bool(tag_cfg.get('quick_gelu', False)) or bool(
+            cfg.pretrained and os.path.isfile(cfg.pretrained) and _is_torchscript(cfg.pretrained))
     if cfg.model_config is not None:
         values = dict(cfg.model_config)
-        if cfg.quick_gelu is not None:
-            values['quick_gelu'] = cfg.quick_gelu
+        if cfg.quick_gelu is not None or quick_gelu:
+            values['quick_gelu'] = quick_gelu
         model = open_clip.CLIP(embed_dim=values.pop('embed_dim'), vision_cfg=values.pop('vision_cfg'),
                                text_cfg=values.pop('text_cfg'), **values)
     elif cfg.name:
@@ -299,6 +303,12 @@ def _load_clip(cfg: BackboneConfig) -> nn.Module:
         path = cfg.pretrained
         if not os.path.isfile(path):  # an open_clip pretrained tag: only from the local cache
             os.environ.setdefault('HF_HUB_OFFLINE', '1')
+            url = tag_cfg.get('url', '')
+            if url and not tag_cfg.get('hf_hub'):  # a tag served only by URL: its cache file, never a download
+                cached = os.path.join(os.path.expanduser('~/.cache/clip'), os.path.basename(url))
+                if not os.path.isfile(cached):
+                    raise FileNotFoundError(f'backbone.pretrained={cfg.pretrained!r}: {cached} not found (pgseg '
+                                            'never downloads weights; put the file there or pass its path)')
             try:
                 path = open_clip.download_pretrained(tag_cfg)
             except Exception as exc:

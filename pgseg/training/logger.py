@@ -36,11 +36,13 @@ class MetricsLogger:
         self.path = os.path.join(run_dir, 'metrics.jsonl')
         self._wandb = None
         self.wandb_id: str | None = None
+        # by default a run is named by its directory and the one above ('demo/train' for runs/demo/train)
+        self.wandb_name = name or '/'.join(os.path.abspath(run_dir).split(os.sep)[-2:])
+        self.wandb_mode = 'disabled'
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.wandb_mode, source = resolve_wandb_mode(wandb_mode, setting_name)
-        self.wandb_name = name or os.path.basename(os.path.abspath(run_dir))
         if self.wandb_mode == 'disabled':
             log.info('wandb: disabled (%s)', source)
             return
