@@ -1,7 +1,9 @@
-"""Checkpoints: load any model file (pgseg's directory format or an official ``.pth``) strictly by key.
+"""Checkpoints: load any model file (pgseg's directory format, an official ``.pth``, a transformers GroupViT folder
+or ``hf-hub:ORG/NAME`` from the local cache) strictly by key.
 
 :mod:`.format` writes and reads pgseg's directories atomically; :mod:`.official` reads the official files without
-running any code they hold. Run directories (``ckpt-<step>``, resume, pruning) belong to the training harness
+running any code they hold; :mod:`.huggingface` reads and writes transformers' GroupViT folders. Run directories
+(``ckpt-<step>``, resume, pruning) belong to the training harness
 (:mod:`pgseg.training.checkpoints`).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .format import (
     save_checkpoint,
     write_dir_atomically,
 )
+from .huggingface import HF_PREFIX, export_hf, is_hf_groupvit_dir, resolve_hf_hub
 from .official import infer_model_config, model_config_from_official, read_official_checkpoint
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = ['UnsafeCheckpointError', 'CheckpointError', 'LoadReport', 'read_official_checkpoint',
            'model_config_from_official', 'infer_model_config', 'load_state_into', 'save_checkpoint',
            'load_checkpoint', 'load_model', 'find_latest', 'list_checkpoints', 'read_train_state',
-           'write_dir_atomically', 'NPR_ONLY_KEY', 'WEIGHTS_NAME',
+           'write_dir_atomically', 'NPR_ONLY_KEY', 'WEIGHTS_NAME', 'export_hf', 'describe_format',
            'CONFIG_NAME', 'STATE_NAME']
 
 # Keys a GroupViT file lacks when loaded into the PGSeg architecture, plus pgseg's paper buffers
@@ -86,20 +89,57 @@ def load_state_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
     return report
 
 
+def describe_format(path: str) -> str:
+    """Which model format ``path`` holds, told by its files: ``'hf-hub'`` (a cache name), ``'pgseg'``,
+    ``'transformers'``, ``'directory'`` (a folder that is neither) or ``'official'`` (a file)."""
+    if path.startswith(HF_PREFIX):
+        return 'hf-hub'
+    if is_pgseg_dir(path):
+        return 'pgseg'
+    if is_hf_groupvit_dir(path):
+        return 'transformers'
+    return 'directory' if os.path.isdir(path) else 'official'
+
+
 def load_model(path: str | os.PathLike, map_location: str | torch.device = 'cpu', npr_variant: str | None = None,
                overrides: dict | None = None):
     """Build the model a checkpoint describes and load its weights; returns it in eval mode.
 
-    ``path``: a pgseg checkpoint directory, or an official GroupViT / PGSeg ``.pth`` file. Official PGSeg files load
-    as the ``reference`` NPR variant (their keys); pass ``npr_variant='paper'`` to fine-tune them with the fixed loss
-    (the release's scalar text prototypes and unused ``mapping_text`` are then reported as ignored).
+    ``path``: a pgseg checkpoint directory (``model.safetensors`` + ``config.yaml``; a training run directory gives
+    its newest ``ckpt-<step>``), an official GroupViT / PGSeg
+    ``.pth`` file, a transformers GroupViT folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``),
+    or ``hf-hub:ORG/NAME`` (a transformers GroupViT from the local Hugging Face cache; never downloaded). The format
+    is told by the files (:func:`describe_format`). Official PGSeg files load as the ``reference`` NPR variant (their
+    keys); pass ``npr_variant='paper'`` to fine-tune them with the fixed loss (the release's scalar text prototypes and
+    unused ``mapping_text`` are then reported as ignored).
     """
     from ..models.groupseg import GroupSegModel
+    from .huggingface import hf_state_to_pgseg, model_config_from_hf, read_hf_groupvit
 
     path = os.fspath(path)
-    if is_pgseg_dir(path):
+    kind = describe_format(path)
+    if kind == 'hf-hub':
+        path = resolve_hf_hub(path)
+        kind = describe_format(path)
+        if kind != 'transformers':
+            raise CheckpointError(f'{path}: the cached repository is not a transformers GroupViT folder '
+                                  '(config.json and model.safetensors or pytorch_model.bin)')
+    if kind == 'pgseg':
         state, cfg, _ = load_checkpoint(path)
         source = path
+    elif kind == 'transformers':
+        hf_config, hf_state = read_hf_groupvit(path)
+        cfg = model_config_from_hf(hf_config)
+        state = hf_state_to_pgseg(hf_state)
+        source = f'{path} (transformers GroupViT)'
+    elif kind == 'directory' and find_latest(path):  # a training run directory: its newest checkpoint
+        path = find_latest(path)
+        log.info('loading the newest checkpoint of the run: %s', path)
+        state, cfg, _ = load_checkpoint(path)
+        source = path
+    elif kind == 'directory':
+        raise CheckpointError(f'{path}: a folder, but not a model: expected pgseg\'s model.safetensors + config.yaml, '
+                              "or transformers' config.json + model.safetensors (or pytorch_model.bin)")
     else:
         official = read_official_checkpoint(path)
         state = official.state_dict

@@ -29,7 +29,8 @@ WEIGHTS_NAME, CONFIG_NAME, STATE_NAME = 'model.safetensors', 'config.yaml', 'tra
 
 
 def is_pgseg_dir(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, WEIGHTS_NAME))
+    """pgseg's own format: ``model.safetensors`` and ``config.yaml`` (a transformers folder has config.json)."""
+    return os.path.isfile(os.path.join(path, WEIGHTS_NAME)) and os.path.isfile(os.path.join(path, CONFIG_NAME))
 
 
 def write_dir_atomically(path: str | os.PathLike, fill: Callable[[str], None]) -> str:
