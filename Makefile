@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -q
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: install test lint bench demo mvpseg-demo clean-venv
+.PHONY: install test lint bench demo mvpseg-demo app clean-venv
 
 $(VENV)/.pgseg-installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,3 +47,13 @@ mvpseg-demo: install
 	test -f data/mvpseg/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt || \
 		$(VENV)/bin/pgseg-synth seg data/mvpseg --layout voc --split val --num-images 300 --seed 4002
 	$(VENV)/bin/pgseg-prompt-train --config configs/mvpseg_synthetic.yaml
+
+DEMO_CLASSES := circle, square, triangle, star, cross, ring, heart, crescent
+DEMO_EXAMPLES := data/demo/eval/test/VOCdevkit/VOC2012/JPEGImages
+
+# The web app on the demo's model (run `make demo` first): http://127.0.0.1:7860
+app: install
+	$(PY) -c "import gradio" 2>/dev/null || $(PY) -m pip install -q -e '.[app]'
+	test -d runs/demo/train || $(MAKE) demo
+	$(VENV)/bin/pgseg-app --checkpoint runs/demo/train --short-side 64 --bg-thresh 0.8 \
+		--classes "$(DEMO_CLASSES)" $(if $(wildcard $(DEMO_EXAMPLES)),--examples $(DEMO_EXAMPLES))

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = ['UnsafeCheckpointError', 'CheckpointError', 'LoadReport', 'read_official_checkpoint',
            'model_config_from_official', 'infer_model_config', 'load_state_into', 'save_checkpoint',
            'load_checkpoint', 'load_model', 'find_latest', 'list_checkpoints', 'read_train_state',
-           'write_dir_atomically', 'NPR_ONLY_KEY', 'WEIGHTS_NAME', 'export_hf', 'describe_format',
+           'write_dir_atomically', 'NPR_ONLY_KEY', 'WEIGHTS_NAME', 'export_hf', 'describe_format', 'HF_PREFIX',
            'CONFIG_NAME', 'STATE_NAME']
 
 # Keys a GroupViT file lacks when loaded into the PGSeg architecture, plus pgseg's paper buffers
