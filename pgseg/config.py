@@ -135,11 +135,15 @@ class ModelConfig:
 
 @dataclass
 class DataSourceConfig:
-    """One webdataset source: a brace pattern of shards, its sample count, and its sampling weight."""
+    """One data source: webdataset shards (a brace pattern) or a file list (CSV / TSV / JSONL of image paths and
+    captions), its sampling weight."""
     name: str = MISSING
-    pattern: str = MISSING  # e.g. ${oc.env:PGSEG_DATA}/gcc3m/gcc-train-{000000..000436}.tar
-    length: int | None = None  # None: read from sizes.json beside the shards
+    pattern: str = MISSING  # shards: ${oc.env:PGSEG_DATA}/gcc3m_shards/{000000..000331}.tar; files: the list's path
+    length: int | None = None  # None: from sizes.json or img2dataset's *_stats.json beside the shards (they win)
     weight: float = 1.0  # sampling weight in resampled mode; without resampling every shard is read once per pass
+    type: Literal['shards', 'files'] = 'shards'
+    image_column: str = 'filepath'  # files: the columns (JSONL keys) of the image path (relative to the list) ...
+    caption_column: str = 'title'  # ... and of the caption (open_clip's CSV defaults)
 
 
 @dataclass

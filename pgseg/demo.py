@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .checkpoint import find_latest, load_model, save_checkpoint
 from .config import ConfigError, load_config
@@ -29,6 +29,7 @@ from .eval.diagnostics import grouping_diagnostics
 from .eval.protocols import get_protocol
 from .eval.segmentation import evaluate_segmentation
 from .eval.templates import get_templates
+from .eval.visualize import curves_figure, figure_image
 from .models import build_model
 from .runtime.cli import run_command
 
@@ -100,30 +101,39 @@ CURVES = ('train/loss', 'train/itc', 'train/npr', 'train/multi_label', 'train/gr
           'train/balance', 'train/lr')
 
 
-def plot_curves(metrics_path: str, out_path: str, keys=CURVES, per_row: int = 4) -> None:
-    """Training curves as a PNG, drawn with Pillow: one panel per key the run logged, ``per_row`` panels a row."""
-    rows = [json.loads(line) for line in open(metrics_path)] if os.path.isfile(metrics_path) else []
-    keys = [k for k in keys if any(k in r for r in rows)] or list(keys[:1])
-    width, height, pad = 360, 220, 36
-    img = Image.new('RGB', (width * min(per_row, len(keys)), height * -(-len(keys) // per_row)), 'white')
-    draw = ImageDraw.Draw(img)
-    for p, key in enumerate(keys):
-        pts = [(r['step'], r[key]) for r in rows if key in r]
-        x0, y0 = (p % per_row) * width, (p // per_row) * height
-        draw.text((x0 + pad, y0 + 6), key, fill='black')
-        draw.rectangle((x0 + pad, y0 + pad, x0 + width - 10, y0 + height - pad), outline='grey')
-        if len(pts) < 2:
-            continue
-        s0, s1 = min(s for s, _ in pts), max(s for s, _ in pts)
-        v0, v1 = min(v for _, v in pts), max(v for _, v in pts)
-        line = [(x0 + pad + (s - s0) / max(s1 - s0, 1) * (width - pad - 10),
-                 y0 + height - pad - (v - v0) / max(v1 - v0, 1e-9) * (height - 2 * pad)) for s, v in pts]
-        draw.line(line, fill=(30, 90, 200), width=2)
-        draw.text((x0 + 2, y0 + pad - 4), f'{v1:.3g}', fill='black')
-        draw.text((x0 + 2, y0 + height - pad - 8), f'{v0:.3g}', fill='black')
-        draw.text((x0 + pad, y0 + height - pad + 4), f'step {s0}', fill='black')
-        draw.text((x0 + width - 70, y0 + height - pad + 4), f'step {s1}', fill='black')
-    img.save(out_path)
+def noun_losses_start(model_cfg) -> int | None:
+    """The step from which the noun losses (grounding, noun-to-group) count, when they are on and start late."""
+    on = model_cfg.grounding_weight > 0 or model_cfg.group_word_weight > 0
+    return model_cfg.noun_losses_start_step if on and model_cfg.noun_losses_start_step > 0 else None
+
+
+def read_metrics(metrics_path: str, keys=CURVES) -> dict[str, tuple[list[int], list[float]]]:
+    """The trainer's ``metrics.jsonl`` as ``key -> (steps, values)`` for the ``keys`` the run logged, in the order of
+    ``keys`` (the first key, without points, when the run logged none of them)."""
+    rows = []
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    series = {k: ([r['step'] for r in rows if k in r], [float(r[k]) for r in rows if k in r]) for k in keys}
+    return {k: v for k, v in series.items() if v[0]} or {keys[0]: ([], [])}
+
+
+def curves_figure_of_run(metrics_path: str, keys=CURVES, per_row: int = 4, noun_start: int | None = None,
+                         panel_px: tuple[int, int] = (360, 250)):
+    """The matplotlib figure of :func:`plot_curves` (``pgseg.eval.visualize.curves_figure``)."""
+    marks = {f'noun losses start (step {noun_start})': noun_start} if noun_start is not None else {}
+    return curves_figure(read_metrics(metrics_path, keys), marks, per_row=per_row, panel_px=panel_px)
+
+
+def plot_curves(metrics_path: str, out_path: str | None = None, keys=CURVES, per_row: int = 4,
+                noun_start: int | None = None, panel_px: tuple[int, int] = (360, 250)) -> Image.Image:
+    """Training curves drawn with matplotlib: one panel per key the run logged, ``per_row`` panels a row, each
+    ``panel_px`` pixels; raw values thin and light, their moving average bold, a dashed line where the noun losses
+    start (``noun_start``, :func:`noun_losses_start`). Saved as a PNG at ``out_path`` when given; returned."""
+    img = figure_image(curves_figure_of_run(metrics_path, keys, per_row, noun_start, panel_px))
+    if out_path:
+        img.save(out_path)
+    return img
 
 
 def main(argv=None) -> int:
@@ -177,7 +187,8 @@ def run_demo(args) -> None:
     test_set = build_dataset('voc', os.path.join(args.data, 'eval', 'test'))
     evaluate_segmentation(trained, test_set, protocol, bg_thresh=after['bg_thresh'], limit=8, num_visuals=8,
                           progress=False)['visual_grid'].save(os.path.join(args.out, 'grid.png'))
-    plot_curves(os.path.join(train_dir, 'metrics.jsonl'), os.path.join(args.out, 'curves.png'))
+    plot_curves(os.path.join(train_dir, 'metrics.jsonl'), os.path.join(args.out, 'curves.png'),
+                noun_start=noun_losses_start(cfg.model))
     state = torch.load(os.path.join(ckpt, 'train_state.pt'), weights_only=True)['run']
     summary = {
         'miou': after['test']['miou'], 'recognition': after['test']['recognition'],

@@ -28,7 +28,7 @@ from .checkpoint.format import write_model_files
 from .config import ConfigError, TrainConfig, config_to_dict, config_to_yaml, load_config, validate
 from .data.text import CaptionTokenizer, trim_padding
 from .data.transforms import TrainTransform, normalize_batch
-from .data.webdataset import StreamPosition, TrainStream, build_train_loader, expand_source
+from .data.webdataset import StreamPosition, TrainStream, build_train_loader, source_from_config
 from .eval.templates import get_templates
 from .eval.visualize import group_map_grid
 from .losses.objective import build_objective
@@ -123,7 +123,12 @@ def build_run(cfg: TrainConfig, device: torch.device, local_rank: int, precision
     rank, world = get_rank(), get_world_size()
     torch.manual_seed(cfg.train.seed + rank)
     # data
-    sources = [expand_source(s.name, s.pattern, s.length, s.weight) for s in cfg.data.sources]
+    sources = []
+    for i, source in enumerate(cfg.data.sources):
+        try:
+            sources.append(source_from_config(source))
+        except (ValueError, KeyError) as exc:  # a list without its columns, unreadable shard metadata: the key named
+            raise ConfigError(f'data.sources.{i} ({source.name}): {exc}') from None
     accum = cfg.train.grad_accum_steps
     global_batch = cfg.data.batch_size * world * accum
     steps_per_epoch = _steps_per_epoch(cfg, sources, global_batch)

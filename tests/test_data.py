@@ -189,10 +189,16 @@ def test_batches_shapes_and_resampled_mode(tmp_path):
 
 
 def test_too_few_shards_is_a_clear_error(tmp_path):
-    """Shards of unknown sizes (a configured length, no sizes.json) are split whole over the streams: fewer shards
-    than streams is an error; with their sizes known, or resampling, any number of streams is fed."""
+    """Shards of unknown sizes (a configured length, neither sizes.json nor *_stats.json) are split whole over the
+    streams: fewer shards than streams is an error; with their sizes known, or resampling, any number of streams is
+    fed."""
     write_caption_shards(str(tmp_path), 32, samples_per_shard=8, scene=SceneConfig(size=32), progress=False)
-    unsized = expand_source('s', str(tmp_path / '{00000..00003}.tar'), length=32)
+    bare = tmp_path / 'bare'
+    bare.mkdir()
+    for i in range(4):
+        (bare / f'{i:05d}.tar').write_bytes((tmp_path / f'{i:05d}.tar').read_bytes())
+    unsized = expand_source('s', str(bare / '{00000..00003}.tar'), length=32)
+    assert unsized.sizes is None and unsized.length == 32
     with pytest.raises(ValueError, match='4 shards cannot feed 2 ranks x 4 workers'):
         TrainStream([unsized], TrainTransform(32, 'official_pgseg'), CaptionTokenizer(16), 4, 4, world_size=2,
                     num_workers=4)

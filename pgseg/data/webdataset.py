@@ -6,7 +6,8 @@ Per epoch, on every rank and DataLoader worker::
       -> order for this epoch: shuffled by Random(seed, epoch) (non-resampled), or drawn with replacement with
          probability proportional to source weight / source shard count (resampled)
       -> planned sample by sample over the streams (sizes known), or split by node, then by worker (sizes unknown)
-      -> webdataset's tarfile_samples (corrupt tar members are skipped and counted)
+      -> webdataset's tarfile_samples (corrupt tar members are skipped and counted), or the rows of a file list's
+         piece (data/file_list.py: a piece of a CSV / TSV / JSONL list stands for a shard of known size)
       -> shuffle buffer driven by Random(seed, epoch, rank, worker), flushed at the end of each pass
       -> skip the samples this worker already delivered (exact resume)
       -> decode + augment with an RNG seeded by (seed, epoch, rank, worker, sample index); bad samples are skipped,
@@ -15,10 +16,10 @@ Per epoch, on every rank and DataLoader worker::
 
 Each worker yields exactly its share of ``steps_per_epoch`` batches (worker w of W yields the batches w, w + W, ...
 of the rank, the order in which an in-order DataLoader returns them), so every rank runs the same number of steps.
-Without resampling and with every shard's size known (sizes.json), the epoch is planned sample by sample
-(:meth:`TrainStream.epoch_plan`): every sample is read once, however uneven the shards, the N mod (global batch) left
-over standing in for damaged samples. Without sizes, shards are split whole and a worker that runs out continues into
-a reshuffled pass of its shards (docs/data.md#how-the-stream-reads-them).
+Without resampling and with every shard's size known (sizes.json, or img2dataset's ``<shard>_stats.json``), the
+epoch is planned sample by sample (:meth:`TrainStream.epoch_plan`): every sample is read once, however uneven the
+shards, the N mod (global batch) left over standing in for damaged samples. Without sizes, shards are split whole
+and a worker that runs out continues into a reshuffled pass of its shards (docs/data.md#how-the-stream-reads-them).
 """
 from __future__ import annotations
 
@@ -35,14 +36,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from .file_list import file_list_pieces, file_list_samples, is_file_list_url
 from .text import CaptionTokenizer
 from .transforms import TrainTransform
 
 log = logging.getLogger(__name__)
 
-__all__ = ['ShardSource', 'expand_source', 'TrainStream', 'StreamPosition', 'build_train_loader', 'SKIP_REASONS']
+__all__ = ['ShardSource', 'expand_source', 'read_stats_size', 'stats_path', 'TrainStream', 'StreamPosition',
+           'build_train_loader', 'SKIP_REASONS', 'file_list_source', 'source_from_config', 'shard_samples']
 
-SKIP_REASONS = ('bad_image', 'bad_caption', 'missing_image', 'missing_caption', 'bad_tar')
+SKIP_REASONS = ('bad_image', 'bad_caption', 'missing_image', 'missing_caption', 'bad_tar', 'bad_row')
 IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')
 CAPTION_KEYS = ('txt', 'text')
 
@@ -53,44 +56,138 @@ class ShardSource:
     urls: list[str]
     length: int  # samples in these shards
     weight: float = 1.0
-    sizes: list[int] | None = None  # samples per shard, in the order of urls (from sizes.json), when known
+    sizes: list[int] | None = None  # samples per shard, in the order of urls (from the shards' metadata), when known
 
 
 def expand_source(name: str, pattern: str, length: int | None = None, weight: float = 1.0,
                   require_all: bool = True) -> ShardSource:
     """Expand a brace pattern (``a/{000..009}.tar``; ``::`` separates several patterns), check the files exist, and
-    take the sample count from ``length`` or from ``sizes.json`` beside the shards."""
+    take every shard's sample count from the shards' metadata: ``sizes.json`` beside them (``pgseg-shards sizes``
+    writes it), else img2dataset's ``<shard>_stats.json`` ("successes").
+
+    The metadata is the truth of the shards, so it wins: a configured ``length`` that disagrees with its sum is a
+    warning naming both numbers, and the epoch is the metadata's. ``length`` counts only where the shards carry no
+    metadata (remote shards, shards written by another tool): then every shard's size is unknown and the stream
+    splits the shards whole (docs/data.md#how-the-stream-reads-them)."""
     urls = [u for part in pattern.split('::') for u in braceexpand.braceexpand(part)]
-    local = [u for u in urls if '://' not in u and not u.startswith('pipe:')]
+    local = [u for u in urls if _is_local(u)]
     missing = [u for u in local if not os.path.exists(u)]
     if missing and (require_all or len(missing) == len(urls)):
         raise FileNotFoundError(f'data source {name!r}: {len(missing)} of {len(urls)} shards of {pattern!r} do not '
-                                f'exist (first: {missing[0]}). Check data.sources[].pattern and PGSEG_DATA.')
-    urls = [u for u in urls if u not in set(missing)]
-    sizes = None
-    if length is None:
-        sizes = _sizes(name, urls)
-        length = sum(sizes)
-    return ShardSource(name=name, urls=urls, length=int(length), weight=weight, sizes=sizes)
+                                f'exist (first: {missing[0]}). Check data.sources[].pattern and PGSEG_DATA '
+                                '(pgseg-shards sizes FOLDER prints the pattern of the shards a folder holds).')
+    gone = set(missing)
+    urls = [u for u in urls if u not in gone]
+    sizes, where, lacking = _sizes(name, urls)
+    if sizes is None:
+        if length is None:
+            raise FileNotFoundError(f'data source {name!r}: no data.sources[].length in the config and no size for '
+                                    f'{lacking}: write sizes.json beside the shards (pgseg-shards sizes FOLDER) or '
+                                    'keep img2dataset\'s <shard>_stats.json files beside them, or set '
+                                    'data.sources[].length')
+        if any(_is_local(u) for u in urls):
+            log.info('data source %r: no size for %s; the configured length %d is used and the shards\' sizes are '
+                     'unknown', name, lacking, length)
+        return ShardSource(name=name, urls=urls, length=int(length), weight=weight, sizes=None)
+    total = sum(sizes)
+    if length is not None and int(length) != total:
+        log.warning('data source %r: data.sources[].length is %d in the config, but %s count %d samples in its %d '
+                    'shards: the epoch uses %d, the shards\' own count (set data.sources[].length to null to silence '
+                    'this; train.steps_per_epoch sets an epoch of another length)', name, int(length), where, total,
+                    len(urls), total)
+    return ShardSource(name=name, urls=urls, length=total, weight=weight, sizes=sizes)
 
 
-def _sizes(name: str, urls: list[str]) -> list[int]:
-    """Samples per shard, from the ``sizes.json`` beside each shard."""
-    sizes, cache = [], {}
+def file_list_source(name: str, path: str, image_column: str = 'filepath', caption_column: str = 'title',
+                     weight: float = 1.0, rows_per_piece: int = 1000, length: int | None = None) -> ShardSource:
+    """A file list (CSV / TSV / JSONL of image paths and captions) as a source of pieces of ``rows_per_piece`` rows,
+    each a shard of known size (data/file_list.py). The list is read and its columns checked now."""
+    urls, sizes = file_list_pieces(path, image_column, caption_column, rows_per_piece)
+    if length is not None and int(length) != sum(sizes):
+        log.warning('data source %r: data.sources[].length is %d in the config, but %s lists %d rows: the epoch uses '
+                    'the rows', name, int(length), path, sum(sizes))
+    return ShardSource(name=name, urls=urls, length=sum(sizes), weight=weight, sizes=sizes)
+
+
+def source_from_config(source) -> ShardSource:
+    """A :class:`pgseg.config.DataSourceConfig` -> its :class:`ShardSource` (shards or a file list)."""
+    if source.type == 'files':
+        return file_list_source(source.name, source.pattern, source.image_column, source.caption_column,
+                                source.weight, length=source.length)
+    return expand_source(source.name, source.pattern, source.length, source.weight)
+
+
+def shard_samples(urls, handler) -> Iterator[dict]:
+    """The samples of shards in order: tar files through webdataset (``handler`` sees a damaged member), file-list
+    pieces row by row."""
+    for url in urls:
+        if is_file_list_url(url):
+            yield from file_list_samples(url)
+        else:
+            yield from tarfile_samples([{'url': url}], handler=handler)
+
+
+def _is_local(url: str) -> bool:
+    return '://' not in url and not url.startswith('pipe:')
+
+
+def stats_path(shard: str) -> str:
+    """img2dataset's statistics file of a shard: ``<dir>/<stem>_stats.json`` for ``<dir>/<stem>.tar``."""
+    stem = shard[:-len('.tar')] if shard.endswith('.tar') else os.path.splitext(shard)[0]
+    return stem + '_stats.json'
+
+
+def read_stats_size(shard: str) -> int | None:
+    """The samples img2dataset wrote into ``shard``: "successes" of its ``<stem>_stats.json`` (None if there is no
+    such file). A file without the key, or not JSON, is an error naming it."""
+    path = stats_path(shard)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            stats = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f'{path}: cannot read img2dataset\'s shard statistics: {exc}') from None
+    if not isinstance(stats, dict) or not isinstance(stats.get('successes'), int) or stats['successes'] < 0:
+        raise ValueError(f'{path}: no sample count "successes" (a count >= 0) in img2dataset\'s shard statistics')
+    return stats['successes']
+
+
+def _sizes(name: str, urls: list[str]) -> tuple[list[int] | None, str, str]:
+    """Samples per shard from the shards' metadata, a description of where they come from, and (when some shard has
+    none) the first thing that is missing. A folder's ``sizes.json`` lists its shards; without one, each shard's
+    ``<stem>_stats.json`` counts it."""
+    sizes, listings, sources = [], {}, set()
     for u in urls:
+        if not _is_local(u):
+            return None, '', f'the remote shard {u}'
         folder = os.path.dirname(u)
-        if folder not in cache:
+        if folder not in listings:
             path = os.path.join(folder, 'sizes.json')
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f'data source {name!r}: no length in the config and no {path}; set '
-                                        f'data.sources[].length or write sizes.json ({{"shard.tar": count, ...}})')
-            with open(path) as f:
-                cache[folder] = json.load(f)
+            listings[folder] = None
+            if os.path.isfile(path):
+                try:
+                    with open(path) as f:
+                        listings[folder] = json.load(f)
+                except (OSError, ValueError) as exc:
+                    raise ValueError(f'data source {name!r}: cannot read {path}: {exc}') from None
         base = os.path.basename(u)
-        if base not in cache[folder]:
-            raise KeyError(f'data source {name!r}: {base} is not listed in {os.path.join(folder, "sizes.json")}')
-        sizes.append(int(cache[folder][base]))
-    return sizes
+        if listings[folder] is not None:
+            if base not in listings[folder]:
+                raise KeyError(f'data source {name!r}: {base} is not listed in {os.path.join(folder, "sizes.json")} '
+                               '(rewrite it: pgseg-shards sizes FOLDER)')
+            sizes.append(int(listings[folder][base]))
+            sources.add(os.path.join(folder, 'sizes.json'))
+            continue
+        try:
+            n = read_stats_size(u)
+        except ValueError as exc:
+            raise ValueError(f'data source {name!r}: {exc}') from None
+        if n is None:
+            return None, '', f'{u} (no {os.path.join(folder, "sizes.json")}, no {stats_path(u)})'
+        sizes.append(n)
+        sources.add(f"img2dataset's *_stats.json in {folder}")
+    return sizes, ', '.join(sorted(sources)), ''
 
 
 @dataclass
@@ -146,7 +243,8 @@ class TrainStream(IterableDataset):
         self.sizes = ([n for s in self.sources for n in s.sizes] if not resampled and
                       all(s.sizes is not None for s in self.sources) else None)
         if self.sizes is None and not resampled:
-            log.warning('the shards\' sizes are unknown (data.sources[].length set, no sizes.json): shards are split '
+            log.warning('the shards\' sizes are unknown (data.sources[].length set, neither sizes.json nor '
+                        'img2dataset\'s <shard>_stats.json beside them): shards are split '
                         'over ranks and workers whole, and uneven shards repeat or leave out samples in an epoch')
         if self.sizes is None and not resampled and len(self.urls) < streams:
             raise ValueError(f'{len(self.urls)} shards cannot feed {world_size} ranks x {self.num_workers} workers '
@@ -212,7 +310,8 @@ class TrainStream(IterableDataset):
                 shards = sorted({self.urls[shard] for shard, _ in own})
                 raise RuntimeError(f'worker {worker} of rank {self.rank}: none of its {sum(len(r) for _, r in own)} '
                                    f'samples can be read from {", ".join(shards)}: the shards hold fewer samples than '
-                                   f'sizes.json lists, or cannot be read; fix sizes.json (scripts/make_sizes_json.py)')
+                                   'their metadata lists (sizes.json or <shard>_stats.json), or cannot be read; '
+                                   'rewrite sizes.json by counting (pgseg-shards sizes --count FOLDER)')
 
     def _read_pieces(self, pieces: list[tuple[int, range]], counts: Counter) -> Iterator[dict]:
         """The samples ``pieces`` name, shard by shard, read in order (the ones in between are passed over; a damaged
@@ -225,7 +324,7 @@ class TrainStream(IterableDataset):
         for shard, wanted in pieces:
             if not len(wanted):
                 continue
-            samples = tarfile_samples([{'url': self.urls[shard]}], handler=on_error)
+            samples = shard_samples([self.urls[shard]], on_error)
             for i, sample in enumerate(samples):
                 if i >= wanted.stop:
                     break
@@ -248,7 +347,7 @@ class TrainStream(IterableDataset):
         repeat = 0
         while True:
             urls = self._shard_pass(epoch, repeat, worker)
-            yield from self._shuffled(tarfile_samples(({'url': u} for u in urls), handler=on_error), rng)
+            yield from self._shuffled(shard_samples(urls, on_error), rng)
             repeat += 1
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
@@ -270,10 +369,10 @@ class TrainStream(IterableDataset):
         where = f'{sample.get("__url__", "?")}:{sample.get("__key__", "?")}'
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         caption_key = next((k for k in CAPTION_KEYS if k in sample), None)
-        reason = None
-        if image_key is None:
+        reason = sample.get('__skip__')  # a file list's row that cannot be a sample (bad_row)
+        if reason is None and image_key is None:
             reason = 'missing_image'
-        elif caption_key is None:
+        elif reason is None and caption_key is None:
             reason = 'missing_caption'
         if reason is None:
             try:
@@ -290,7 +389,7 @@ class TrainStream(IterableDataset):
                 except Exception as exc:  # any decode failure of any image library: skip and count
                     reason, detail = 'bad_image', exc
         else:
-            detail = 'no ' + ('image' if reason == 'missing_image' else 'caption')
+            detail = {'missing_image': 'no image', 'missing_caption': 'no caption'}.get(reason, 'not a JSON object')
         counts[reason] += 1
         total = sum(counts.values())
         if total <= 20 or total % 1000 == 0:

@@ -16,7 +16,7 @@ from .inference import predict_labels, preprocess_image
 from .metrics import confusion_matrix, segmentation_metrics
 from .protocols import Protocol, get_protocol
 from .templates import get_templates
-from .visualize import group_map_grid, label_image
+from .visualize import group_map_grid, label_image, legend_entries, titled_grid
 
 log = logging.getLogger('pgseg.eval')
 
@@ -39,7 +39,8 @@ def evaluate_segmentation(model, dataset: SegmentationDataset, protocol: Protoco
                           limit: int | None = None, num_visuals: int = 0, progress: bool = True) -> dict:
     """Run the protocol over the dataset (this rank's share: images rank, rank + W, ...) and return metrics over
     all ranks. ``bg_thresh`` overrides the protocol's value for this dataset. With ``num_visuals`` > 0 the result
-    also holds ``visual_grid``, a PIL image (input, prediction, ground truth, final groups) of the first images."""
+    also holds ``visual_grid``, a PIL image (input, prediction, ground truth, final groups, titled, with a legend of
+    the class colours) of the first images."""
     model.eval()
     prompts, with_bg = class_prompts(dataset, protocol)
     words = list(protocol.background_words) if with_bg else []
@@ -68,34 +69,31 @@ def evaluate_segmentation(model, dataset: SegmentationDataset, protocol: Protoco
     metrics.update(dataset=dataset.spec.name, split=dataset.split, num_images=len(dataset.ids[:limit]),
                    protocol=protocol.describe(), background=bg_value, background_constant=constant)
     if visuals:
-        metrics['visual_grid'] = _visual_grid(model, visuals, dataset.num_classes, protocol, device)
+        metrics['visual_grid'] = _visual_grid(model, visuals, list(dataset.classes), protocol, device)
     return metrics
 
 
-def _visual_grid(model, visuals, num_classes: int, protocol: Protocol, device) -> Image.Image:
-    """Columns: input, prediction, ground truth, final group map; one row per image, at a common height."""
+VISUAL_COLUMNS = ('input', 'prediction', 'ground truth', 'final groups')
+
+
+def _visual_grid(model, visuals, class_names, protocol: Protocol, device) -> Image.Image:
+    """Columns: input, prediction, ground truth, final group map, under a row of titles; one row per image, at a
+    common height; below, the colours of the classes predicted or labelled in these images, with their names."""
     rows = []
     height = 192
+    num_classes = len(class_names)
     for image, pred, label in visuals:
         w = max(1, round(image.width * height / image.height))
         x = preprocess_image(image, protocol.short_side, protocol.long_side).to(device)
         out = model.encode_image(x, with_group_embeds=False)
         groups = group_map_grid(torch.nn.functional.interpolate(x, size=(height, w), mode='bilinear'),
                                 out.group_maps[-1:], out.grid, max_images=1)
-        tiles = [image.convert('RGB').resize((w, height), Image.NEAREST),
-                 label_image(pred, num_classes).resize((w, height), Image.NEAREST),
-                 label_image(label, num_classes).resize((w, height), Image.NEAREST),
-                 groups.crop((0, height, w, 2 * height))]
-        row = Image.new('RGB', (4 * w, height))
-        for k, tile in enumerate(tiles):
-            row.paste(tile, (k * w, 0))
-        rows.append(row)
-    grid = Image.new('RGB', (max(r.width for r in rows), sum(r.height for r in rows)), 'white')
-    y = 0
-    for r in rows:
-        grid.paste(r, (0, y))
-        y += r.height
-    return grid
+        rows.append([image.convert('RGB').resize((w, height), Image.NEAREST),
+                     label_image(pred, num_classes).resize((w, height), Image.NEAREST),
+                     label_image(label, num_classes).resize((w, height), Image.NEAREST),
+                     groups.crop((0, height, w, 2 * height))])
+    legend = legend_entries([m for _, pred, label in visuals for m in (pred, label)], class_names)
+    return titled_grid(rows, VISUAL_COLUMNS, legend)
 
 
 def build_in_training_evaluator(cfg, device):
