@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import CheckpointError, describe_format, export_hf, load_model, save_checkpoint
+from .checkpoint import CheckpointError, export_hf, load_model, save_checkpoint
+from .checkpoint.huggingface import summarise_keys
 from .config import ConfigError
 from .runtime.cli import run_command, setup_logging
 
@@ -41,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         model = load_model(args.src, npr_variant=args.npr_variant)
         n = sum(p.numel() for p in model.parameters())
-        source = describe_format(args.src)
         if args.to == 'hf':
             out, left_out = export_hf(args.dst, model, groupvit_part=args.groupvit_part)
-            note = f'; left out (not expressible in transformers): {", ".join(left_out)}' if left_out else ''
-            print(f'wrote {out} (transformers GroupViT from {source} {model.cfg.arch}, {n:,} parameters){note}')
+            note = f'; left out (not expressible in transformers): {summarise_keys(left_out)}' if left_out else ''
+            print(f'wrote {out} (transformers GroupViT of the {model.cfg.arch} model {args.src}, {n:,} parameters)'
+                  f'{note}')
         else:
             out = save_checkpoint(args.dst, model, model.cfg)
-            print(f'wrote {out} ({model.cfg.arch} from {source}, {n:,} parameters, NPR variant '
+            print(f'wrote {out} ({model.cfg.arch} from {args.src}, {n:,} parameters, NPR variant '
                   f'{model.cfg.npr.variant})')
 
     return run_command('pgseg-convert', body, (CheckpointError, ConfigError))

@@ -124,6 +124,11 @@ def test_what_transformers_cannot_express_is_refused_or_left_out_by_name(tmp_pat
     odd = pgseg.build_model(model_config_from_dict(values))
     with pytest.raises(CheckpointError, match='group projector'):
         export_hf(str(tmp_path / 'odd'), odd)
+    values['image'].update(num_group_tokens=[8, 4, 0], num_output_groups=[8, 4], assign_temperature=0.1)
+    sharpened = pgseg.build_model(model_config_from_dict(values))  # a pgseg option the official forward lacks
+    with pytest.raises(CheckpointError, match=r'image.assign_temperature=0.1 \(transformers: 1.0\)'):
+        export_hf(str(tmp_path / 'sharp'), sharpened)
+    assert not (tmp_path / 'sharp').exists()
 
 
 def test_hf_hub_names_come_from_the_local_cache_only(tmp_path, monkeypatch):
@@ -161,7 +166,7 @@ def test_convert_command_both_ways(tmp_path, capsys):
     model = _groupvit_model()
     save_checkpoint(str(tmp_path / 'ckpt'), model, model.cfg)
     assert convert_main([str(tmp_path / 'ckpt'), str(tmp_path / 'hf'), '--to', 'hf']) == 0
-    assert 'transformers GroupViT from pgseg groupvit' in capsys.readouterr().out
+    assert 'transformers GroupViT of the groupvit model' in capsys.readouterr().out
     assert convert_main([str(tmp_path / 'hf'), str(tmp_path / 'again')]) == 0
     for key, value in model.state_dict().items():
         assert torch.equal(load_model(str(tmp_path / 'again')).state_dict()[key], value)

@@ -28,7 +28,7 @@ from .format import write_dir_atomically
 log = logging.getLogger(__name__)
 
 __all__ = ['HF_PREFIX', 'is_hf_groupvit_dir', 'resolve_hf_hub', 'read_hf_groupvit', 'model_config_from_hf',
-           'hf_state_to_pgseg', 'pgseg_state_to_hf', 'hf_config_from_model', 'export_hf']
+           'hf_state_to_pgseg', 'pgseg_state_to_hf', 'hf_config_from_model', 'export_hf', 'summarise_keys']
 
 HF_PREFIX = 'hf-hub:'
 HF_CONFIG = 'config.json'
@@ -220,6 +220,16 @@ def hf_config_from_model(cfg: ModelConfig) -> dict:
         raise CheckpointError('transformers GroupViT has one width and head count for every stage; this model has '
                               f'embed_factors {img.embed_factors}, num_heads {img.num_heads}')
     _check_projector_sizes(img.num_group_tokens, img.num_output_groups)
+    # settings of pgseg's that change the forward pass and that transformers' GroupViT has no place for
+    official = {'image.assign_temperature': (img.assign_temperature, 1.0), 'image.assign_gain': (img.assign_gain, 1.0),
+                'image.hard_assignment': (img.hard_assignment, True), 'image.qkv_bias': (img.qkv_bias, True),
+                'image.patch_norm': (img.patch_norm, True), 'proj_num_layers': (cfg.proj_num_layers, 2),
+                'image_pooling': (cfg.image_pooling, 'tokens')}
+    departures = [f'{key}={value!r} (transformers: {expected!r})' for key, (value, expected) in official.items()
+                  if value != expected]
+    if departures:
+        raise CheckpointError('transformers GroupViT computes only the official forward pass; this model sets '
+                              + ', '.join(departures))
     outputs = list(img.num_output_groups) + [img.num_output_groups[-1]]
     return {
         'model_type': 'groupvit', 'architectures': ['GroupViTModel'],
@@ -234,10 +244,22 @@ def hf_config_from_model(cfg: ModelConfig) -> dict:
                           'layer_norm_eps': 1e-5, 'assign_eps': img.assign_eps, 'assign_mlp_ratio': [0.5, 4]},
         'text_config': {'model_type': 'groupvit_text_model', 'vocab_size': txt.vocab_size,
                         'hidden_size': txt.width, 'intermediate_size': 4 * txt.width,
-                        'num_hidden_layers': txt.layers, 'num_attention_heads': txt.heads,
+                        'num_hidden_layers': txt.layers, 'num_attention_heads': txt.heads or max(1, txt.width // 64),
                         'max_position_embeddings': txt.context_length, 'hidden_act': 'quick_gelu',
                         'layer_norm_eps': 1e-5, 'bos_token_id': 49406, 'eos_token_id': 49407, 'pad_token_id': 1},
     }
+
+
+def summarise_keys(keys: list[str]) -> str:
+    """Keys grouped by module for a message: ``img_encoder.layers.0.downsample_spatial.* (9)``."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        parts = key.split('.')
+        cut = next((i for i, p in enumerate(parts) if p in ('downsample_spatial', 'Atten', 'token_prototypes',
+                                                            'mapping_text')), None)
+        name = '.'.join(parts[:cut + 1]) + '.*' if cut is not None else key
+        groups[name] = groups.get(name, 0) + 1
+    return ', '.join(f'{name} ({n})' if n > 1 else name for name, n in groups.items())
 
 
 def export_hf(path: str, model, groupvit_part: bool = False) -> tuple[str, list[str]]:
@@ -254,7 +276,7 @@ def export_hf(path: str, model, groupvit_part: bool = False) -> tuple[str, list[
     left_out = sorted(k for k in state if NPR_ONLY_KEY.search(k) or k == 'multi_label_logit_scale')
     hf_state = pgseg_state_to_hf({k: v for k, v in state.items() if k not in left_out})
     if left_out:
-        log.warning('not in the transformers folder: %s', ', '.join(left_out))
+        log.warning('not in the transformers folder: %s', summarise_keys(left_out))
 
     def fill(tmp: str) -> None:
         save_safetensors({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(tmp, HF_WEIGHTS[0]),
