@@ -56,4 +56,4 @@ app: install
 	$(PY) -c "import gradio" 2>/dev/null || $(PY) -m pip install -q -e '.[app]'
 	test -d runs/demo/train || $(MAKE) demo
 	$(VENV)/bin/pgseg-app --checkpoint runs/demo/train --short-side 64 --bg-thresh 0.8 \
-		--classes "$(DEMO_CLASSES)" $(if $(wildcard $(DEMO_EXAMPLES)),--examples $(DEMO_EXAMPLES))
+		--classes "$(DEMO_CLASSES)" $$(test -d $(DEMO_EXAMPLES) && echo --examples $(DEMO_EXAMPLES))

@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='pgseg-app', description='A web page that segments photos with free-text '
                                      "class names (needs the app extra: pip install 'pgseg[app]').")
     parser.add_argument('--checkpoint', default=None, help='pgseg checkpoint directory, training run directory (its '
-                        'newest checkpoint) or official .pth')
+                        'newest checkpoint), official .pth, transformers GroupViT folder or hf-hub:ORG/NAME (local '
+                        'cache)')
     parser.add_argument('--prompts', default=None, help='learned MVP-SEG prompts (pgseg-prompt-train): every pixel '
                         'gets one of the classes, no background rule; --checkpoint, if given, is the pgseg backbone')
     parser.add_argument('--host', default='127.0.0.1', help='address to serve on (0.0.0.0: every interface)')

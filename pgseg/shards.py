@@ -123,8 +123,10 @@ def _sizes_command(args) -> None:
             print('  (the shard numbers have gaps or several prefixes: each run is one pattern, joined by ::)')
 
 
-def _image_format(data: bytes) -> str | None:
-    """The image's format as a sample key ('jpg', 'png', 'webp'), or None when Pillow cannot read it whole."""
+def _stored_image(data: bytes) -> tuple[str, bytes] | None:
+    """(sample key, bytes) of an image as the shards store it: JPEG (phones' MPO included), PNG and WebP as they
+    are, other formats (GIF, BMP, TIFF, ...) re-encoded as PNG (the stream reads jpg, png and webp); None when
+    Pillow cannot read it whole."""
     import io
 
     from PIL import Image
@@ -132,9 +134,14 @@ def _image_format(data: bytes) -> str | None:
         with Image.open(io.BytesIO(data)) as img:
             fmt = (img.format or '').lower()
             img.load()
+            key = {'jpeg': 'jpg', 'mpo': 'jpg', 'png': 'png', 'webp': 'webp'}.get(fmt)
+            if key is not None:
+                return key, data
+            buf = io.BytesIO()
+            img.convert('RGBA' if 'A' in img.getbands() else 'RGB').save(buf, format='PNG')
+            return 'png', buf.getvalue()
     except Exception:  # any decoder failure: the row is left out and counted
         return None
-    return {'jpeg': 'jpg', 'png': 'png', 'webp': 'webp'}.get(fmt, 'png' if fmt else None)
 
 
 def pack_file_list(list_path: str, out: str, samples_per_shard: int = 10000, image_column: str = 'filepath',
@@ -145,6 +152,8 @@ def pack_file_list(list_path: str, out: str, samples_per_shard: int = 10000, ima
     import tarfile
 
     from tqdm import tqdm
+    if samples_per_shard < 1:
+        raise ValueError(f'--samples-per-shard must be >= 1, got {samples_per_shard}')
     if os.path.isdir(out) and any(n.endswith('.tar') for n in os.listdir(out)):
         raise FileExistsError(f'{out} already holds .tar shards: pack into an empty or new folder')
     urls, sizes = file_list_pieces(list_path, image_column, caption_column, rows_per_piece=10000)
@@ -154,19 +163,24 @@ def pack_file_list(list_path: str, out: str, samples_per_shard: int = 10000, ima
     tar, tmp = None, ''
     width = len(str(max(samples_per_shard - 1, 1)))
 
-    def close() -> None:
+    def close() -> None:  # a complete shard gets its name, and sizes.json lists every complete shard
         nonlocal tar
         if tar is not None:
             tar.close()
             os.replace(tmp, os.path.join(out, f'{len(written) - 1:05d}.tar'))
             tar = None
+            path = os.path.join(out, 'sizes.json')
+            with open(f'{path}.tmp-{os.getpid()}', 'w') as f:
+                json.dump(written, f, indent=1)
+            os.replace(f'{path}.tmp-{os.getpid()}', path)
 
     for sample in tqdm((s for u in urls for s in file_list_samples(u)), total=sum(sizes), unit='row',
                        desc=f'packing {os.path.basename(list_path)}'):
-        caption = sample.get('txt', b'').decode('utf-8', errors='replace').strip()
-        fmt = _image_format(sample['jpg']) if 'jpg' in sample else None
+        caption = sample['txt'].decode('utf-8', errors='replace').strip() if 'txt' in sample else None
+        image = _stored_image(sample['jpg']) if 'jpg' in sample else None
         reason = (sample.get('__skip__') or ('missing_image' if 'jpg' not in sample else None) or
-                  ('bad_image' if fmt is None else None) or ('bad_caption' if not caption else None))
+                  ('bad_image' if image is None else None) or ('missing_caption' if caption is None else None) or
+                  ('bad_caption' if not caption else None))  # the stream's reasons
         if reason:
             left_out[reason] = left_out.get(reason, 0) + 1
             continue
@@ -176,7 +190,7 @@ def pack_file_list(list_path: str, out: str, samples_per_shard: int = 10000, ima
             tmp = os.path.join(out, f'.{len(written) - 1:05d}.tar.tmp-{os.getpid()}')
             tar = tarfile.open(tmp, 'w')
         key = f'{len(written) - 1:05d}{written[f"{len(written) - 1:05d}.tar"]:0{width}d}'  # img2dataset-style
-        for ext, data in ((fmt, sample['jpg']), ('txt', caption.encode('utf-8'))):
+        for ext, data in (image, ('txt', caption.encode('utf-8'))):
             info = tarfile.TarInfo(f'{key}.{ext}')
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -184,10 +198,6 @@ def pack_file_list(list_path: str, out: str, samples_per_shard: int = 10000, ima
     close()
     if not written:
         raise ValueError(f'{list_path}: no row could be packed ({left_out})')
-    path = os.path.join(out, 'sizes.json')
-    with open(f'{path}.tmp-{os.getpid()}', 'w') as f:
-        json.dump(written, f, indent=1)
-    os.replace(f'{path}.tmp-{os.getpid()}', path)
     return written, left_out
 
 

@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -105,8 +106,11 @@ class Pretraining:
 
     def stream_layout(self) -> list[int]:
         """What a worker's position means: the same counts of samples and batches resume exactly only under the
-        same batch size, workers and batches per epoch (and world size)."""
-        return [self.stream.batch_size, self.stream.num_workers, self.stream.steps_per_epoch]
+        same batch size, workers, batches per epoch (and world size), and the same shards and sizes (by name: a
+        moved data folder is the same data; an edited file list is not)."""
+        names = [u.rsplit('/', 1)[-1] for u in self.stream.urls]
+        data = zlib.crc32(json.dumps([names, self.stream.sizes]).encode())
+        return [self.stream.batch_size, self.stream.num_workers, self.stream.steps_per_epoch, data]
 
 
 def _steps_per_epoch(cfg: TrainConfig, sources, global_batch: int) -> int:
@@ -199,8 +203,8 @@ def _resume(run: Pretraining, path: str, loaded: tuple[dict, dict]) -> None:
         run.skipped_epoch_start = mine.get('skipped_epoch_start')
     else:
         changed = (f'a {saved["world_size"]}-rank checkpoint' if mine is None else
-                   f'a checkpoint of another data layout (batch, workers, batches per epoch: {mine["stream"]}, now '
-                   f'{run.stream_layout()})')
+                   'a checkpoint of another data layout (batch, workers, batches per epoch, data: '
+                   f'{mine["stream"]}, now {run.stream_layout()})')
         log.warning('resuming %d ranks from %s: the data position restarts at epoch %d', get_world_size(), changed,
                     run.state.epoch)
         run.position = StreamPosition(epoch=run.state.epoch)

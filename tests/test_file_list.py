@@ -156,3 +156,38 @@ def test_pgseg_train_reads_a_file_list(tmp_path):
     code = train_main(['--config', TINY_CONFIG, f'train.output_dir={tmp_path / "bad"}', 'log.wandb_mode=disabled',
                        f'data.sources=[{{name: mine, type: files, pattern: "{path}", caption_column: text}}]'])
     assert code == 2 and not (tmp_path / 'bad' / 'config.yaml').exists()  # a column the list lacks: no run starts
+
+
+def test_an_edited_list_is_refused_mid_run_and_restarts_the_epoch_on_resume(tmp_path, caplog):
+    from pgseg.train import main as train_main
+    from tests.helpers import TINY_CONFIG
+    path = _folder(tmp_path)
+    urls, _ = file_list_pieces(str(path), rows_per_piece=7)
+    with path.open('a') as f:
+        f.write('images/000.png,one more row\n')
+    with pytest.raises(RuntimeError, match='captions.csv changed while the run was reading it'):
+        next(file_list_samples(urls[0]))
+    out = tmp_path / 'run'
+    args = ['--config', TINY_CONFIG, f'train.output_dir={out}', 'log.wandb_mode=disabled', 'data.num_workers=0',
+            f'data.sources=[{{name: mine, type: files, pattern: "{path}"}}]', 'log.group_maps_every_steps=0',
+            'train.steps_per_epoch=6', 'checkpoint.every_steps=1']
+    assert train_main(args + ['train.max_steps=2']) == 0
+    with path.open('a') as f:
+        f.write('images/001.png,and another\n')
+    with caplog.at_level('WARNING', logger='pgseg.train'):
+        assert train_main(args + ['train.max_steps=3']) == 0
+    assert 'another data layout' in caplog.text and 'the data position restarts' in caplog.text
+
+
+def test_pack_stores_other_formats_as_png_and_names_missing_captions(tmp_path):
+    from pgseg.shards import pack_file_list
+    Image.new('RGB', (12, 10), (1, 2, 3)).save(tmp_path / 'a.gif')
+    (tmp_path / 'list.jsonl').write_text(json.dumps({'filepath': 'a.gif', 'title': 'a gif'}) + '\n' +
+                                         json.dumps({'filepath': 'a.gif'}) + '\n')
+    sizes, left_out = pack_file_list(str(tmp_path / 'list.jsonl'), str(tmp_path / 'out'))
+    assert sizes == {'00000.tar': 1} and left_out == {'missing_caption': 1}
+    import tarfile
+    names = tarfile.open(tmp_path / 'out' / '00000.tar').getnames()
+    assert sorted(n.rsplit('.', 1)[1] for n in names) == ['png', 'txt']  # the stream reads jpg, png, webp
+    with pytest.raises(ValueError, match='samples-per-shard must be >= 1'):
+        pack_file_list(str(tmp_path / 'list.jsonl'), str(tmp_path / 'out2'), samples_per_shard=0)

@@ -50,6 +50,7 @@ def _inputs():
 def _groupvit_model(seed: int = 2):
     values = OmegaConf.to_container(OmegaConf.structured(tiny_model_config()))
     values['arch'] = 'groupvit'
+    values['image']['assign_eps'] = 0.5  # not the default: the round trip must carry it
     torch.manual_seed(seed)
     return pgseg.build_model(model_config_from_dict(values)).eval()
 
@@ -57,7 +58,8 @@ def _groupvit_model(seed: int = 2):
 def _architecture(cfg) -> tuple:
     """What shapes the weights (training-time regularisation such as drop path is not in a transformers folder)."""
     image = {k: getattr(cfg.image, k) for k in ('img_size', 'patch_size', 'embed_dim', 'depths', 'num_heads',
-                                                 'num_group_tokens', 'num_output_groups', 'mlp_ratio')}
+                                                 'num_group_tokens', 'num_output_groups', 'mlp_ratio', 'assign_eps',
+                                                 'assign_temperature', 'assign_gain', 'hard_assignment')}
     return cfg.arch, image, cfg.text, cfg.output_dim, cfg.proj_hidden_dim
 
 
@@ -84,7 +86,9 @@ def test_a_transformers_folder_loads_with_its_embeddings_and_group_maps(tmp_path
     # the same weights as pytorch_model.bin
     (tmp_path / 'bin').mkdir()
     shutil.copy(tmp_path / 'hf/config.json', tmp_path / 'bin/config.json')
-    torch.save(hf.state_dict(), tmp_path / 'bin/pytorch_model.bin')
+    # as older transformers saved them: with the text's position_ids buffer
+    torch.save({**hf.state_dict(), 'text_model.embeddings.position_ids': torch.arange(16)[None]},
+               tmp_path / 'bin/pytorch_model.bin')
     for key, value in load_model(str(tmp_path / 'bin')).state_dict().items():
         torch.testing.assert_close(value, model.state_dict()[key], rtol=0, atol=0)
 
@@ -157,6 +161,12 @@ def test_folders_are_told_apart_by_their_files(tmp_path):
     with pytest.raises(CheckpointError, match='a folder, but not a model'):
         load_model(str(tmp_path / 'bare'))
     config = json.loads((tmp_path / 'hf/config.json').read_text())
+    assert config['vision_config']['assign_eps'] == model.cfg.image.assign_eps
+    for key, value in (('hidden_act', 'relu'), ('assign_mlp_ratio', [0.5, 2])):  # what pgseg fixes, refused by name
+        changed = dict(config, vision_config=dict(config['vision_config'], **{key: value}))
+        (tmp_path / 'hf/config.json').write_text(json.dumps(changed))
+        with pytest.raises(CheckpointError, match=f'vision_config.{key}='):
+            load_model(str(tmp_path / 'hf'))
     (tmp_path / 'hf/config.json').write_text(json.dumps(dict(config, model_type='clip')))
     with pytest.raises(CheckpointError, match="model_type 'clip'"):
         load_model(str(tmp_path / 'hf'))

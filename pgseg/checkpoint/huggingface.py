@@ -134,6 +134,21 @@ def read_hf_groupvit(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
 def model_config_from_hf(config: dict) -> ModelConfig:
     """transformers' GroupViTConfig (as a dict) -> pgseg's GroupViT :class:`ModelConfig`."""
     v, t = config.get('vision_config', {}), config.get('text_config', {})
+    # what pgseg fixes as the official code does: a folder that sets another value cannot load faithfully
+    fixed = {'vision_config.hidden_act': (v.get('hidden_act', 'gelu'), 'gelu'),
+             'text_config.hidden_act': (t.get('hidden_act', 'quick_gelu'), 'quick_gelu'),
+             'vision_config.layer_norm_eps': (v.get('layer_norm_eps', 1e-5), 1e-5),
+             'text_config.layer_norm_eps': (t.get('layer_norm_eps', 1e-5), 1e-5),
+             'vision_config.assign_mlp_ratio': (list(v.get('assign_mlp_ratio', [0.5, 4])), [0.5, 4]),
+             'vision_config.num_channels': (v.get('num_channels', 3), 3),
+             'vision_config.intermediate_size / hidden_size': (
+                 v.get('intermediate_size', 4 * v.get('hidden_size', 1)) / v.get('hidden_size', 1), 4),
+             'text_config.intermediate_size / hidden_size': (
+                 t.get('intermediate_size', 4 * t.get('hidden_size', 1)) / t.get('hidden_size', 1), 4)}
+    other = [f'{key}={value!r} (pgseg: {expected!r})' for key, (value, expected) in fixed.items() if value != expected]
+    if other:
+        raise CheckpointError('transformers GroupViT config.json sets what pgseg fixes as the official code does: '
+                              + ', '.join(other))
     try:
         depths = list(v['depths'])
         tokens, outputs = list(v['num_group_tokens']), list(v['num_output_groups'])
@@ -144,7 +159,8 @@ def model_config_from_hf(config: dict) -> ModelConfig:
                       'depths': depths, 'embed_factors': [1] * len(depths),
                       'num_heads': [int(v['num_attention_heads'])] * len(depths), 'num_group_tokens': tokens,
                       'num_output_groups': outputs[:len(depths) - 1],
-                      'mlp_ratio': float(v['intermediate_size']) / width},
+                      'mlp_ratio': float(v['intermediate_size']) / width,
+                      'assign_eps': float(v.get('assign_eps', 1.0))},
             'text': {'context_length': int(t['max_position_embeddings']), 'width': int(t['hidden_size']),
                      'layers': int(t['num_hidden_layers']), 'heads': int(t['num_attention_heads']),
                      'vocab_size': int(t['vocab_size'])},
@@ -163,6 +179,8 @@ def hf_state_to_pgseg(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
+        if key.endswith('.position_ids'):  # a buffer of the indices 0..L-1 that older transformers saved
+            continue
         for pgseg_template, hf_prefix in _FUSED:
             m = _template_regex(hf_prefix + '{part}_proj.{kind}').match(key)
             if m:
@@ -216,6 +234,9 @@ def hf_config_from_model(cfg: ModelConfig) -> dict:
     """transformers' GroupViTConfig (as config.json's dict) of a pgseg GroupViT config; raises on what it cannot
     express."""
     img, txt = cfg.image, cfg.text
+    if img.mlp_ratio != 4:  # the grouping block's MLP is 4 x width in the official code, intermediate_size in HF
+        raise CheckpointError(f'image.mlp_ratio={img.mlp_ratio}: transformers GroupViT sizes the grouping block\'s '
+                              'MLP from it too, where the official code keeps 4 x width; only 4 converts')
     if len(set(img.num_heads)) != 1 or set(img.embed_factors) != {1}:
         raise CheckpointError('transformers GroupViT has one width and head count for every stage; this model has '
                               f'embed_factors {img.embed_factors}, num_heads {img.num_heads}')

@@ -6,7 +6,11 @@ known, so the stream plans every epoch sample by sample (split by rank and worke
 shuffled, exact resume: docs/data.md#how-the-stream-reads-them). A piece's "url" names the list, its rows and its
 columns::
 
-    filelist:///data/mine/captions.csv?rows=0-1000&image=filepath&caption=title
+    filelist:///data/mine/captions.csv?rows=0-1000&image=filepath&caption=title&version=52311-1764860000000000000
+
+``version`` is the list's size and modification time when the run planned its epochs: a list edited under a running
+run is an error naming it (the plan's rows would move), and a resume over an edited list starts the epoch's data
+again (the stream's layout changed).
 
 A row yields a sample like a tar member's (``jpg`` image bytes, ``txt`` caption bytes, ``__key__`` the list's
 name and line); a row that cannot be one is skipped and counted by the stream: ``missing_image`` (the file is not
@@ -22,8 +26,8 @@ import os
 from typing import Iterator
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-__all__ = ['FILES_SCHEME', 'LIST_FORMATS', 'list_format', 'read_rows', 'file_list_pieces', 'is_file_list_url',
-           'file_list_samples']
+__all__ = ['FILES_SCHEME', 'LIST_FORMATS', 'list_format', 'list_version', 'read_rows', 'file_list_pieces',
+           'is_file_list_url', 'file_list_samples']
 
 FILES_SCHEME = 'filelist://'
 LIST_FORMATS = {'.csv': ',', '.tsv': '\t', '.jsonl': None}
@@ -37,14 +41,20 @@ def list_format(path: str) -> str | None:
     return LIST_FORMATS[ext]
 
 
+def list_version(path: str) -> str:
+    """The list's size and modification time (ns): what a run's plan of its rows holds for."""
+    st = os.stat(path)
+    return f'{st.st_size}-{st.st_mtime_ns}'
+
+
 @functools.lru_cache(maxsize=8)
-def read_rows(path: str, image_column: str, caption_column: str, mtime: float) -> tuple[tuple, ...]:
+def read_rows(path: str, image_column: str, caption_column: str, version: str) -> tuple[tuple, ...]:
     """Every data row of the list as (line number, image path or None, caption or None, reason or None), once per
-    process (``mtime`` keys the cache). The header of a CSV/TSV must name both columns (an error names what it
-    found)."""
+    process and version of the list. The header of a CSV/TSV must name both columns (an error names what it found);
+    a byte-order mark (as spreadsheets write) is allowed."""
     sep = list_format(path)
     rows = []
-    with open(path, newline='', encoding='utf-8') as f:
+    with open(path, newline='', encoding='utf-8-sig') as f:
         if sep is None:
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
@@ -78,11 +88,12 @@ def file_list_pieces(path: str, image_column: str = 'filepath', caption_column: 
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'file list {path} not found')
-    rows = read_rows(path, image_column, caption_column, os.path.getmtime(path))
+    version = list_version(path)
+    rows = read_rows(path, image_column, caption_column, version)
     if not rows:
         raise ValueError(f'{path}: the file list has no rows')
     urls, sizes = [], []
-    query = f'image={quote(image_column)}&caption={quote(caption_column)}'
+    query = f'image={quote(image_column)}&caption={quote(caption_column)}&version={version}'
     for start in range(0, len(rows), rows_per_piece):
         stop = min(start + rows_per_piece, len(rows))
         urls.append(f'{FILES_SCHEME}{quote(path)}?rows={start}-{stop}&{query}')
@@ -94,15 +105,21 @@ def is_file_list_url(url: str) -> bool:
     return url.startswith(FILES_SCHEME)
 
 
-def file_list_samples(url: str) -> Iterator[dict]:
-    """The samples of one piece, in row order."""
+def file_list_samples(url: str, wanted: range | None = None) -> Iterator[dict]:
+    """The samples of one piece in row order; with ``wanted`` (indices within the piece), only those rows (their
+    images alone are read). A list changed since the url was made is an error naming it."""
     parts = urlsplit(url)
     path = unquote(parts.path)
     query = {k: v[0] for k, v in parse_qs(parts.query).items()}
     start, stop = (int(x) for x in query['rows'].split('-'))
-    rows = read_rows(path, query['image'], query['caption'], os.path.getmtime(path))
+    if list_version(path) != query['version']:
+        raise RuntimeError(f'{path} changed while the run was reading it (its rows were planned at size-mtime '
+                           f'{query["version"]}, now {list_version(path)}): leave the list alone during a run; a '
+                           'restarted run resumes at the start of the epoch over the new list')
+    rows = read_rows(path, query['image'], query['caption'], query['version'])
+    picked = rows[start:stop] if wanted is None else [rows[start + i] for i in wanted if start + i < stop]
     folder, name = os.path.dirname(path), os.path.basename(path)
-    for line_no, image, caption, reason in rows[start:stop]:
+    for line_no, image, caption, reason in picked:
         sample: dict = {'__key__': f'{name}:{line_no}', '__url__': folder}  # logged as <folder>:<list>:<line>
         if reason is not None:
             sample['__skip__'] = reason

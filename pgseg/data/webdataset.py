@@ -86,8 +86,8 @@ def expand_source(name: str, pattern: str, length: int | None = None, weight: fl
                                     'keep img2dataset\'s <shard>_stats.json files beside them, or set '
                                     'data.sources[].length')
         if any(_is_local(u) for u in urls):
-            log.info('data source %r: no size for %s; the configured length %d is used and the shards\' sizes are '
-                     'unknown', name, lacking, length)
+            log.warning('data source %r: no size for %s; the configured length %d is used and the shards\' sizes '
+                        'are unknown (an img2dataset download still running?)', name, lacking, length)
         return ShardSource(name=name, urls=urls, length=int(length), weight=weight, sizes=None)
     total = sum(sizes)
     if length is not None and int(length) != total:
@@ -323,6 +323,9 @@ class TrainStream(IterableDataset):
 
         for shard, wanted in pieces:
             if not len(wanted):
+                continue
+            if is_file_list_url(self.urls[shard]):  # rows are read directly: only the wanted ones
+                yield from file_list_samples(self.urls[shard], wanted)
                 continue
             samples = shard_samples([self.urls[shard]], on_error)
             for i, sample in enumerate(samples):
