@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import statistics
 import subprocess
@@ -167,6 +168,44 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+# Operator families of the step's profile: the first family whose pattern matches an aten op's name takes its
+# self time (time in the op itself, not in the ops it calls); everything else is 'elementwise and other'.
+OP_FAMILIES = [
+    ('matmul', re.compile(r'^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_mkldnn|mkldnn_|addmv|mv|dot|convolution|'
+                          r'_convolution|conv|_scaled_dot_product|scaled_dot_product|_flash_attention|_efficient)')),
+    ('softmax', re.compile(r'^aten::(_?softmax|_?log_softmax|_softmax_backward|_log_softmax_backward)')),
+    ('normalisation', re.compile(r'^aten::(native_layer_norm|layer_norm|native_batch_norm|batch_norm|_batch_norm|'
+                                 r'native_layer_norm_backward|native_batch_norm_backward|linalg_vector_norm|norm)')),
+    ('casts and copies', re.compile(r'^aten::(to|_to_copy|copy_|clone|contiguous)$')),
+    ('reductions', re.compile(r'^aten::(sum|mean|amax|max|min|argmax|topk|logsumexp|cumsum)')),
+    ('layout and indexing', re.compile(r'^aten::(cat|stack|index|index_select|gather|scatter|index_put|masked_fill|'
+                                       r'one_hot|nonzero|where|slice|select|narrow|unbind|split|chunk|expand|view|'
+                                       r'reshape|permute|transpose|t|as_strided|empty|zeros|ones|full|fill_|zero_|'
+                                       r'new_|resize_)')),
+    ('optimizer', re.compile(r'^aten::(_fused_adamw|_foreach)')),
+]
+
+
+def profile_families(prof, steps: int) -> dict:
+    """Self CPU time per step by operator family (:data:`OP_FAMILIES`), in seconds and as a share of the profiled
+    aten time, with the ten costliest operators."""
+    totals: dict[str, float] = {}
+    ops = []
+    for event in prof.key_averages():
+        if not event.key.startswith('aten::'):
+            continue
+        seconds = event.self_cpu_time_total / 1e6 / steps
+        family = next((name for name, pattern in OP_FAMILIES if pattern.match(event.key)), 'elementwise and other')
+        totals[family] = totals.get(family, 0.0) + seconds
+        ops.append((seconds, event.key, family, event.count // steps))
+    aten = sum(totals.values())
+    ops.sort(reverse=True)
+    return {'aten_self_s_per_step': aten,
+            'families': {k: {'s_per_step': v, 'share': v / aten if aten else 0.0}
+                         for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+            'top_ops': [{'op': k, 'family': f, 's_per_step': s, 'calls_per_step': c} for s, k, f, c in ops[:10]]}
+
+
 def measure_train_step(args) -> dict:
     import pgseg
     import pgseg.data.text
@@ -259,6 +298,19 @@ def measure_train_step(args) -> dict:
                 without_npr.append(elapsed)
     _set_npr(objective, True)
     step_s = statistics.median(with_npr)
+    profile = None
+    if args.profile:  # after the timed steps, so the profiler's own cost stays out of the timings
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(args.profile):
+                step()
+            _sync(device)
+        profile = profile_families(prof, args.profile)
+        profile['wall_s_per_step_profiled'] = (time.perf_counter() - t0) / args.profile
 
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
@@ -296,6 +348,7 @@ def measure_train_step(args) -> dict:
         'match_wait_share': None if args.compile else statistics.median(match_wait) / step_s,
         'peak_memory_mb': peak_mb, 'peak_memory_kind': peak_kind,
         'final_losses': {k: float(v.detach()) for k, v in losses.items()},
+        'profile': profile,
     }
     return result if get_rank() == 0 else {}
 
@@ -320,6 +373,7 @@ def mode_train(args, peak: dict | None = None) -> dict:
         cmd += (['--grad-checkpointing'] if args.grad_checkpointing else []) + (['--compile'] if compile_ else [])
         cmd += ['--full-context'] if args.full_context else []
         cmd += ['--attention', args.attention] if args.attention else []
+        cmd += ['--profile', str(args.profile)] if args.profile else []
         if args.nproc > 1:
             cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(args.nproc)] + cmd
             env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.nproc)))
@@ -375,6 +429,14 @@ def mode_train(args, peak: dict | None = None) -> dict:
           ', '.join(f"{_label(r)} {100 * r['fraction_of_ceiling_beside']:.1f}% (probes "
                     f"{min(r['ceiling_beside_steps_gflops']):.0f}-{max(r['ceiling_beside_steps_gflops']):.0f} GFLOP/s)"
                     for r in results))
+    for r in results:
+        if r.get('profile'):
+            prof = r['profile']
+            print(f"\nprofile, {_label(r)}: aten self time {prof['aten_self_s_per_step']:.3f} s per step (profiled "
+                  f"wall {prof['wall_s_per_step_profiled']:.3f} s; timed {r['step_s_median']:.3f} s)")
+            for name, f in prof['families'].items():
+                print(f"  {name:<24}{f['s_per_step']:>8.3f} s{100 * f['share']:>7.1f}%")
+            print('  costliest: ' + ', '.join(f"{o['op']} {o['s_per_step']:.3f} s" for o in prof['top_ops'][:5]))
     print('warm-up: ' + ', '.join(f"{_label(r)} {r['warmup_steps']} steps (page faults per step: "
                                   f"{' '.join(map(str, r['warmup_page_faults']))})" for r in results))
     return {'mode': 'train', **machine_info(device), 'peak': peak, 'peak_after': after,
@@ -673,6 +735,9 @@ def main(argv=None) -> int:
                        help='default: fp32, and bf16 where the device has native bf16')
         p.add_argument('--attention', choices=['auto', 'math', 'fused'], default=None,
                        help="model.attention for the step (default: the config's, 'auto')")
+        p.add_argument('--profile', type=int, default=0, metavar='STEPS',
+                       help='after the timed steps, profile this many more (torch.profiler): self time per step by '
+                            'operator family and the costliest operators, printed and in train.json')
         p.add_argument('--full-context', action='store_true',
                        help="keep the captions' padding to the context length (the released trainer's cost); by "
                             'default the padding after the last EOT is cut, as pgseg-train does')
