@@ -99,15 +99,20 @@ def brace_pattern(folder: str, names: list[str]) -> str:
     return '::'.join(parts)
 
 
-def write_sizes(folder: str, count: bool = False) -> tuple[dict[str, int], int, str]:
-    """Write ``folder/sizes.json`` (atomically); return the sizes, how many shards were counted, and its path."""
-    sizes, counted = folder_sizes(folder, count)
+def _write_sizes_json(folder: str, sizes: dict[str, int]) -> str:
+    """``folder/sizes.json`` written atomically (a temporary file renamed into place); returns its path."""
     path = os.path.join(folder, 'sizes.json')
     tmp = f'{path}.tmp-{os.getpid()}'
     with open(tmp, 'w') as f:
         json.dump(sizes, f, indent=1)
     os.replace(tmp, path)
-    return sizes, counted, path
+    return path
+
+
+def write_sizes(folder: str, count: bool = False) -> tuple[dict[str, int], int, str]:
+    """Write ``folder/sizes.json`` (atomically); return the sizes, how many shards were counted, and its path."""
+    sizes, counted = folder_sizes(folder, count)
+    return sizes, counted, _write_sizes_json(folder, sizes)
 
 
 def _sizes_command(args) -> None:
@@ -169,10 +174,7 @@ def pack_file_list(list_path: str, out: str, samples_per_shard: int = 10000, ima
             tar.close()
             os.replace(tmp, os.path.join(out, f'{len(written) - 1:05d}.tar'))
             tar = None
-            path = os.path.join(out, 'sizes.json')
-            with open(f'{path}.tmp-{os.getpid()}', 'w') as f:
-                json.dump(written, f, indent=1)
-            os.replace(f'{path}.tmp-{os.getpid()}', path)
+            _write_sizes_json(out, written)
 
     for sample in tqdm((s for u in urls for s in file_list_samples(u)), total=sum(sizes), unit='row',
                        desc=f'packing {os.path.basename(list_path)}'):

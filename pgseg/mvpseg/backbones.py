@@ -343,11 +343,8 @@ def build_backbone(cfg: BackboneConfig, model: nn.Module | None = None) -> Dense
         if model is None:
             if not cfg.checkpoint:
                 raise ValueError('backbone.kind=pgseg needs backbone.checkpoint (a pgseg checkpoint or official .pth)')
-            from ..checkpoint import find_latest, load_model
-            path = cfg.checkpoint
-            if os.path.isdir(path) and not os.path.isfile(os.path.join(path, 'model.safetensors')):
-                path = find_latest(path) or path  # a training run directory: its newest checkpoint
-            model = load_model(path)
+            from ..checkpoint import load_model
+            model = load_model(cfg.checkpoint)  # a training run directory gives its newest checkpoint
         backbone: DenseBackbone = GroupSegDenseBackbone(model)
     elif cfg.kind == 'clip':
         backbone = ClipDenseBackbone(model if model is not None else _load_clip(cfg), dense=cfg.dense)
