@@ -17,9 +17,9 @@ from .data.text import tokenize
 from .eval.inference import slide_logits
 from .eval.segmenter import SegmentationResult, Segmenter
 from .models.groupseg import GroupSegModel, ImageOutput, build_model
-from .mvpseg import PromptSegmenter
+from .mvpseg import PromptSegmenter, StudentSegmenter
 
 __version__ = '0.1.0'
 __all__ = ['load_model', 'save_checkpoint', 'build_model', 'tokenize', 'slide_logits', 'load_config',
            'load_model_config', 'ConfigError', 'ModelConfig', 'TrainConfig', 'GroupSegModel', 'ImageOutput',
-           'Segmenter', 'PromptSegmenter', 'SegmentationResult']
+           'Segmenter', 'PromptSegmenter', 'StudentSegmenter', 'SegmentationResult']

@@ -5,6 +5,7 @@ matrices summed).
     pgseg-eval --checkpoint X --dataset voc --dataset context --data-root data/eval --protocol pgseg
     pgseg-eval --checkpoint X --imagenet data/imagenet/val          # an ImageFolder tree, or a shard pattern
     pgseg-eval --prompts runs/mvpseg/prompts.pt --dataset voc20     # MVP-SEG prompts: mIoU(S), mIoU(U), hIoU
+    pgseg-eval --student runs/mvpseg_plus/student.pt --dataset voc20   # an MVP-SEG+ student: the same figures
     pgseg-eval --clip ViT-B-16 --clip-pretrained openai --dense sclip --dataset voc   # training-free CLIP
 """
 from __future__ import annotations
@@ -38,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                         '--prompts: the pgseg backbone, when not the one the prompts file names)')
     parser.add_argument('--prompts', default=None, help='MVP-SEG prompts file (pgseg-prompt-train): every pixel is '
                         'classified over seen and unseen classes; reports mIoU(S), mIoU(U), hIoU')
-    parser.add_argument('--unseen', default=None, help='with --prompts: comma-separated unseen class names '
-                        "(default: the prompts file's), or a named split: voc_15_5, context_49_10, coco_stuff_156_15")
+    parser.add_argument('--student', default=None, help='MVP-SEG+ student (pgseg-transfer: student.pt or its run '
+                        'directory): whole-image inference over seen and unseen classes; mIoU(S), mIoU(U), hIoU')
+    parser.add_argument('--unseen', default=None, help='with --prompts or --student: comma-separated unseen class '
+                        "names (default: the file's), or a named split: voc_15_5, context_49_10, coco_stuff_156_15")
     parser.add_argument('--dataset', action='append', default=[], choices=list(DATASETS),
                         help='dataset to evaluate (repeat for several)')
     parser.add_argument('--data-root', default=os.environ.get('PGSEG_EVAL_DATA', 'data/eval'),
@@ -75,15 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     setup_cpu_process()
     if not args.dataset and not args.imagenet:
         parser.error('give at least one --dataset or --imagenet')
-    if args.prompts:
-        # options of the checkpoint evaluation that prompts evaluation has no use for: an error, not silently ignored
-        unused = [f'--{name.replace("_", "-")}' for name in ('protocol', 'templates', 'bg_thresh', 'background_words',
-                                                            'imagenet', 'wandb')
-                  if getattr(args, name) != parser.get_default(name)]
+    if args.prompts and args.student:
+        parser.error('give --prompts or --student, not both')
+    if args.prompts or args.student:
+        # options of the checkpoint evaluation that these have no use for: an error, not silently ignored
+        flag = '--prompts' if args.prompts else '--student'
+        names = ('protocol', 'templates', 'bg_thresh', 'background_words', 'imagenet', 'wandb', 'dense',
+                 'clip', 'clip_pretrained') + (('crop_size', 'stride') if args.student else ())
+        unused = [f'--{name.replace("_", "-")}' for name in names if getattr(args, name) != parser.get_default(name)]
         if unused:
-            parser.error(f'{", ".join(unused)}: not used with --prompts (the prompts file fixes the classifier; '
-                         'pixels are scored over seen and unseen classes, without a background rule)')
-        return _main_prompts(args)
+            parser.error(f'{", ".join(unused)}: not used with {flag} (the file fixes the classifier; pixels are '
+                         'scored over seen and unseen classes, without a background rule'
+                         f'{"; the student sees the whole image" if args.student else ""})')
+        return _main_prompts(args) if args.prompts else _main_student(args)
     if args.clip:
         if args.checkpoint:
             parser.error('give --checkpoint or --clip, not both')
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                          f'{", ".join(unused) if unused else "--protocol " + args.protocol}')
         return _main_clip(args)
     if not args.checkpoint:
-        parser.error('--checkpoint is required (or --prompts, or --clip)')
+        parser.error('--checkpoint is required (or --prompts, --student, or --clip)')
     clip_only = [f'--{name.replace("_", "-")}' for name in ('dense', 'clip_pretrained')
                  if getattr(args, name) != parser.get_default(name)]
     if clip_only:
@@ -164,6 +171,35 @@ def _main_prompts(args) -> int:
             m = mvpseg.evaluate_seen_unseen(backbone, learner, ds, unseen, settings, device, dtype, args.limit)
             if is_main_process():
                 print('\n' + format_table(m, f'{name} ({m["num_images"]} images), learned prompts {args.prompts}'))
+                print(f"{'mIoU(S)':<24}{m['miou_seen']:>8.2f}\n{'mIoU(U)':<24}{m['miou_unseen']:>8.2f}\n"
+                      f"{'hIoU':<24}{m['hiou']:>8.2f}   (unseen: {', '.join(m['unseen_classes'])})")
+            results['results'].append(m)
+        if is_main_process():
+            print(f'\nwrote {_write_results(args.out, results)}')
+
+    return run_command('pgseg-eval', body, (LayoutError, CheckpointError, ValueError, FileNotFoundError))
+
+
+def _main_student(args) -> int:
+    """``pgseg-eval --student FILE``: seen / unseen evaluation of an MVP-SEG+ student (whole image, single scale)."""
+    def body() -> None:
+        device, _ = init_distributed()
+        student, meta = mvpseg.load_student(args.student)
+        student = student.to(device)
+        short = args.short_side or meta.get('eval', {}).get('short_side', 512)
+        long = meta.get('eval', {}).get('long_side', 2048)
+        results = {'student': args.student, 'settings': {'short_side': short, 'long_side': long}, 'results': []}
+        dtype = bf16_flag_dtype(args.bf16, device)
+        os.makedirs(args.out, exist_ok=True)
+        for name in args.dataset:
+            ds = build_dataset(name, args.data_root, args.split)
+            unseen = mvpseg.resolve_unseen(args.unseen, ds.classes, meta.get('unseen', []))
+            mvpseg.retarget_student(student, meta, list(ds.classes), args.checkpoint)
+            m = mvpseg.evaluate_predictions(
+                lambda image: mvpseg.predict_student(student, image, short, long, device, dtype)[0],
+                ds, unseen, args.limit)
+            if is_main_process():
+                print('\n' + format_table(m, f'{name} ({m["num_images"]} images), student {args.student}'))
                 print(f"{'mIoU(S)':<24}{m['miou_seen']:>8.2f}\n{'mIoU(U)':<24}{m['miou_unseen']:>8.2f}\n"
                       f"{'hIoU':<24}{m['hiou']:>8.2f}   (unseen: {', '.join(m['unseen_classes'])})")
             results['results'].append(m)

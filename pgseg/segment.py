@@ -1,8 +1,9 @@
 """``pgseg-segment``: segment images with free-text class names (the ``pgseg.Segmenter`` API, or
-``pgseg.PromptSegmenter`` with learned MVP-SEG prompts).
+``pgseg.PromptSegmenter`` with learned MVP-SEG prompts, ``pgseg.StudentSegmenter`` with an MVP-SEG+ student).
 
     pgseg-segment photo.jpg other.png --classes "cat,dog,sofa" --checkpoint X --out runs/segment
     pgseg-segment photo.jpg --classes "cat,dog,grass" --prompts runs/mvpseg/prompts.pt    # learned MVP-SEG prompts
+    pgseg-segment photo.jpg --classes "cat,dog,grass" --student runs/mvpseg_plus            # an MVP-SEG+ student
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from PIL import Image
 
 from .checkpoint import CheckpointError, load_model
 from .eval.segmenter import Segmenter
-from .mvpseg import PromptSegmenter
+from .mvpseg import PromptSegmenter, StudentSegmenter
 from .runtime.cli import run_command
 from .runtime.precision import bf16_flag_dtype
 
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--checkpoint', default=None, help='pgseg checkpoint directory or official .pth')
     parser.add_argument('--prompts', default=None, help='learned MVP-SEG prompts (pgseg-prompt-train): every pixel '
                         'gets one of --classes, no background rule; --checkpoint, if given, is the pgseg backbone')
+    parser.add_argument('--student', default=None, help='an MVP-SEG+ student (pgseg-transfer: student.pt or its run '
+                        'directory): every pixel gets one of --classes; names it was not trained on are embedded '
+                        "with its teacher's prompts (--checkpoint, if given, is that teacher's pgseg backbone)")
     parser.add_argument('--out', default='runs/segment', help='output folder')
     parser.add_argument('--bg-thresh', type=float, default=0.9,
                         help='background threshold (official rule); negative: no background class')
@@ -40,14 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
     Image.MAX_IMAGE_PIXELS = 400_000_000  # large photos are legitimate input here: they are resized for inference
-    if not args.checkpoint and not args.prompts:
-        parser.error('give --checkpoint (zero-shot rule) or --prompts (learned MVP-SEG prompts)')
+    if not args.checkpoint and not args.prompts and not args.student:
+        parser.error('give --checkpoint (zero-shot rule), --prompts (learned MVP-SEG prompts) or --student '
+                     '(an MVP-SEG+ student)')
+    if args.prompts and args.student:
+        parser.error('give --prompts or --student, not both')
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dtype = bf16_flag_dtype(args.bf16, device)
     failed = []
 
     def body() -> None:
-        if args.prompts:
+        if args.student:
+            segmenter = StudentSegmenter(args.student, args.classes.split(','), args.checkpoint, device, dtype)
+        elif args.prompts:
             segmenter = PromptSegmenter(args.prompts, args.classes.split(','), args.checkpoint, device, dtype)
         else:
             segmenter = Segmenter(load_model(args.checkpoint).to(device), args.classes.split(','),

@@ -12,8 +12,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import time
 import zlib
@@ -23,7 +21,6 @@ from typing import Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, load_model, load_state_into
 from .checkpoint.format import write_model_files
 from .config import ConfigError, TrainConfig, config_to_dict, config_to_yaml, load_config, validate
@@ -53,23 +50,6 @@ from .training.step import train_step
 
 log = logging.getLogger('pgseg.train')
 COMPILE_BACKEND = 'inductor'  # torch.compile's backend under train.compile (the tests swap in a faster one)
-
-
-def environment_info(world: int) -> dict:
-    def version(name):
-        try:
-            return __import__(name).__version__
-        except Exception:
-            return None
-    try:
-        rev = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except Exception:
-        rev = None
-    return {'pgseg': __version__, 'git_revision': rev, 'python': sys.version.split()[0], 'torch': torch.__version__,
-            'timm': version('timm'), 'open_clip': version('open_clip'), 'webdataset': version('webdataset'),
-            'world_size': world, 'host': platform.node(), 'cuda_devices': torch.cuda.device_count(),
-            'command': sys.argv}
 
 
 @dataclass
@@ -236,7 +216,7 @@ def _run(cfg: TrainConfig, device: torch.device, local_rank: int, precision: str
          eval_hook: Callable | None) -> RunState:
     r = build_run(cfg, device, local_rank, precision, eval_hook)
     # the run's record is written once the run is known to start: a failed start leaves an existing run's alone
-    write_run_files(run_dir, config_to_yaml(cfg), {**environment_info(get_world_size()), 'precision': precision})
+    write_run_files(run_dir, config_to_yaml(cfg), precision)
     writer = CheckpointWriter(run_dir, cfg.checkpoint.keep_last, lambda folder: write_model_files(folder, r.model, cfg))
     logger = MetricsLogger(run_dir, enabled=is_main_process(), wandb_mode=cfg.log.wandb_mode,
                            project=cfg.log.wandb_project, name=cfg.log.wandb_name, tags=cfg.log.wandb_tags,

@@ -33,6 +33,22 @@ def is_pgseg_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, WEIGHTS_NAME)) and os.path.isfile(os.path.join(path, CONFIG_NAME))
 
 
+def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> str:
+    """Create the file ``path`` whole or not at all: ``write(tmp)`` writes a temporary sibling, which then replaces
+    ``path``. Returns the absolute path."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def write_dir_atomically(path: str | os.PathLike, fill: Callable[[str], None]) -> str:
     """Create the directory ``path`` whole or not at all: ``fill(tmp)`` writes the files into a temporary sibling,
     which is then renamed into place (an existing ``path`` is replaced). Returns the absolute path."""

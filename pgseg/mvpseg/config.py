@@ -1,4 +1,5 @@
-"""Configuration of MVP-SEG prompt learning (``pgseg-prompt-train --config configs/mvpseg_*.yaml key=value ...``).
+"""Configuration of MVP-SEG prompt learning (``pgseg-prompt-train --config configs/mvpseg_*.yaml key=value ...``)
+and of MVP-SEG+'s transfer stage (``pgseg-transfer --config configs/mvpseg_plus_*.yaml key=value ...``).
 
 Loaded with the same checks as the pretraining config (:func:`pgseg.config.load_structured`): unknown keys, wrong
 types and missing values raise ``ConfigError`` naming the file and the key.
@@ -12,9 +13,11 @@ from typing import List, Literal, Sequence
 from ..config import LogConfig, load_structured
 from .backbones import BackboneConfig
 from .learner import PromptConfig
+from .student import StudentConfig
 
 __all__ = ['PromptDataConfig', 'PromptOptimConfig', 'PromptLossConfig', 'PromptLoopConfig', 'PromptCheckpointConfig',
-           'PromptEvalConfig', 'PromptTrainConfig', 'load_prompt_config']
+           'PromptEvalConfig', 'PromptTrainConfig', 'load_prompt_config', 'TeacherConfig', 'TransferDataConfig',
+           'TransferOptimConfig', 'PseudoLabelConfig', 'TransferEvalConfig', 'TransferConfig', 'load_transfer_config']
 
 
 @dataclass
@@ -94,3 +97,65 @@ class PromptTrainConfig:
 
 def load_prompt_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> PromptTrainConfig:
     return load_structured(PromptTrainConfig, path, overrides)
+
+
+# ---------------------------------------------------------------------------------------------- MVP-SEG+ transfer
+@dataclass
+class TeacherConfig:
+    prompts: str = 'runs/mvpseg/prompts.pt'  # pgseg-prompt-train's prompts file (it names its backbone)
+    checkpoint: str | None = None  # a pgseg backbone to use instead of the one the prompts file names
+    gpr: bool = True  # GPR's presence score in the teacher's pseudo-labels
+
+
+@dataclass
+class TransferDataConfig(PromptDataConfig):
+    cat_max_ratio: float | None = 0.75  # random crop: retry crops where one category covers this share or more
+    photometric: bool = True  # mmseg's photometric distortion
+
+
+@dataclass
+class TransferOptimConfig:
+    lr: float = 0.01  # SGD, MaskCLIP+ (VOC, COCO-Stuff; Context 0.004)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # Context: 1e-4
+    poly_power: float = 0.9  # lr = min_lr + (lr - min_lr) (1 - step / steps) ^ power
+    min_lr: float = 1e-4
+    clip_grad: float | None = None
+
+
+@dataclass
+class PseudoLabelConfig:
+    self_train_from: int = 2000  # steps before this use the teacher's pseudo-labels (phase 1), later the student's
+    confidence_threshold: float = 0.0  # 0 = off (MaskCLIP+); see pgseg.mvpseg.pseudo_labels
+    presence_threshold: float = 0.0  # 0 = off
+
+
+@dataclass
+class TransferEvalConfig:
+    short_side: int = 512  # whole-image inference at this short side (MaskCLIP+: single scale, no flip)
+    long_side: int = 2048
+    limit: int | None = None  # first N validation images only
+    at_phase_switch: bool = True  # also evaluate the student when phase 1 ends
+    teacher: bool = True  # also evaluate the teacher (learned prompts) and the hand-written templates
+    templates: str = 'full'
+    teacher_short_side: int | None = None  # the teacher's sliding-window sizes; null: its prompts file's
+    teacher_crop_size: int | None = None
+    teacher_stride: int | None = None
+
+
+@dataclass
+class TransferConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: TransferDataConfig = field(default_factory=lambda: TransferDataConfig(batch_size=4))
+    optim: TransferOptimConfig = field(default_factory=TransferOptimConfig)
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    train: PromptLoopConfig = field(default_factory=lambda: PromptLoopConfig(steps=20000,
+                                                                             output_dir='runs/mvpseg_plus'))
+    log: LogConfig = field(default_factory=lambda: LogConfig(wandb_project='pgseg-mvpseg-plus'))
+    checkpoint: PromptCheckpointConfig = field(default_factory=lambda: PromptCheckpointConfig(every_steps=2000))
+    eval: TransferEvalConfig = field(default_factory=TransferEvalConfig)
+
+
+def load_transfer_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TransferConfig:
+    return load_structured(TransferConfig, path, overrides)

@@ -1,8 +1,16 @@
-"""Training data for prompt learning: labelled images of an official-layout dataset, seen classes only.
+"""Training crops of an official-layout dataset for both MVP-SEG stages, and their batch sampler.
 
-Labels are remapped to seen-class positions; pixels of unseen classes become ignore (255), so no unseen mask is
-ever seen (the inductive setting: images are kept, unseen pixels carry no loss). Augmentation as MaskCLIP+: random
-rescale (ratio range around ``base_size``), random crop (padding with ignore), horizontal flip. Every random choice
+A label lookup table decides what each ground-truth class becomes:
+
+* prompt learning (:func:`seen_only_labels`, the inductive setting): seen classes are renumbered to their seen
+  position and unseen pixels become ignore (255), so no unseen mask is ever seen;
+* MVP-SEG+ transfer (:func:`suppressed_unseen_labels`, the transductive setting, docs/mvpseg.md#mvp-seg):
+  seen classes keep their index among all classes and unseen pixels become **unlabelled** (-1 in the batch): they
+  are trained on, with pseudo-labels, rather than ignored.
+
+Augmentation as MaskCLIP+ (mmseg's pipeline): random rescale (ratio range around ``base_size``), random crop
+(padding with ignore; with ``cat_max_ratio``, up to 10 tries for a crop whose largest category covers less than that
+share of the labelled pixels), horizontal flip, and optionally mmseg's photometric distortion. Every random choice
 comes from (seed, epoch, index): batches are reproducible and a resumed run continues exactly.
 """
 from __future__ import annotations
@@ -11,28 +19,90 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from ..eval.datasets import SegmentationDataset
 
-__all__ = ['SeenPixelDataset', 'EpochBatchSampler']
+__all__ = ['IGNORE', 'UNLABELLED', 'seen_only_labels', 'suppressed_unseen_labels', 'photometric_distortion',
+           'CropDataset', 'EpochBatchSampler']
+
+IGNORE = 255  # no loss
+UNLABELLED = -1  # a pixel of an unseen class with its label suppressed: it takes a pseudo-label
+_UNLABELLED_U8 = 254  # UNLABELLED while the label is a uint8 image
+CROP_TRIES = 10  # mmseg's RandomCrop: tries before the category ratio cap gives up
 
 
-class SeenPixelDataset(Dataset):
-    """``dataset[(epoch, index)] -> (image [3, S, S] float in [0, 1], label [S, S] int64: seen position or 255)``."""
+def seen_only_labels(seen: Sequence[int]) -> np.ndarray:
+    """Lookup table for prompt learning: seen class ``seen[j]`` -> j, everything else -> ignore."""
+    lut = np.full(256, IGNORE, dtype=np.uint8)
+    for new, old in enumerate(seen):
+        lut[old] = new
+    return lut
 
-    def __init__(self, dataset: SegmentationDataset, seen: Sequence[int], crop_size: int, base_size: int | None = None,
-                 scale_range: Sequence[float] = (0.5, 2.0), seed: int = 0):
-        self.dataset, self.crop, self.seed = dataset, crop_size, seed
+
+def suppressed_unseen_labels(unseen: Sequence[int]) -> np.ndarray:
+    """Lookup table for the transductive transfer: classes keep their index, unseen ones become unlabelled."""
+    lut = np.arange(256, dtype=np.uint8)
+    lut[list(unseen)] = _UNLABELLED_U8
+    lut[IGNORE] = IGNORE
+    return lut
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmseg's PhotoMetricDistortion on a uint8 RGB image [H, W, 3], each part with probability 1/2: brightness
+    + U(-32, 32); contrast x U(0.5, 1.5) (before or after the colour parts, at random); saturation x U(0.5, 1.5)
+    and hue + U(-18, 18) degrees of OpenCV's 180 (through torchvision's colour operations)."""
+    x = image.astype(np.float32)
+    if rng.random() < 0.5:
+        x = x + rng.uniform(-32, 32)
+    contrast_first = rng.random() < 0.5
+    contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
+    if contrast is not None and contrast_first:
+        x = x * contrast
+    saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
+    hue = rng.integers(-18, 19) / 180.0 if rng.random() < 0.5 else None
+    if saturation is not None or hue is not None:
+        t = torch.from_numpy(np.clip(x, 0, 255).round().astype(np.uint8)).permute(2, 0, 1)
+        if saturation is not None:
+            t = TF.adjust_saturation(t, float(saturation))
+        if hue is not None:
+            t = TF.adjust_hue(t, float(hue))
+        x = t.permute(1, 2, 0).numpy().astype(np.float32)
+    if contrast is not None and not contrast_first:
+        x = x * contrast
+    return np.clip(x, 0, 255).round().astype(np.uint8)
+
+
+class CropDataset(Dataset):
+    """``dataset[(epoch, index)] -> (image [3, S, S] float in [0, 1], label [S, S] int64)``: the label after the
+    lookup table ``lut`` (see the module's doc), with 255 = ignore and -1 = unlabelled."""
+
+    def __init__(self, dataset: SegmentationDataset, lut: np.ndarray, crop_size: int, base_size: int | None = None,
+                 scale_range: Sequence[float] = (0.5, 2.0), seed: int = 0, cat_max_ratio: float | None = None,
+                 photometric: bool = False):
+        self.dataset, self.lut, self.crop, self.seed = dataset, lut, crop_size, seed
         self.base = base_size or crop_size
         self.scale_range = tuple(scale_range)
-        self.lut = np.full(256, 255, dtype=np.uint8)
-        for new, old in enumerate(seen):
-            self.lut[old] = new
+        self.cat_max_ratio, self.photometric = cat_max_ratio, photometric
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def _crop_corner(self, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+        S = self.crop
+        for _ in range(CROP_TRIES if self.cat_max_ratio else 1):
+            top = int(rng.integers(0, label.shape[0] - S + 1))
+            left = int(rng.integers(0, label.shape[1] - S + 1))
+            if not self.cat_max_ratio:
+                break
+            window = label[top:top + S, left:left + S]
+            counts = np.bincount(window[window != IGNORE].ravel(), minlength=256)
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                break
+        return top, left
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = item
@@ -48,14 +118,16 @@ class SeenPixelDataset(Dataset):
         ph, pw = max(S - size[1], 0), max(S - size[0], 0)
         if ph or pw:
             image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
-            label = np.pad(label, ((0, ph), (0, pw)), constant_values=255)
-        top = int(rng.integers(0, image.shape[0] - S + 1))
-        left = int(rng.integers(0, image.shape[1] - S + 1))
+            label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
+        top, left = self._crop_corner(label, rng)
         image, label = image[top:top + S, left:left + S], label[top:top + S, left:left + S]
         if rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-        return x, torch.from_numpy(np.ascontiguousarray(label)).long()
+        if self.photometric:
+            image = photometric_distortion(np.ascontiguousarray(image), rng)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # a writable copy
+        y = torch.from_numpy(np.array(label)).long()
+        return x, y.masked_fill(y == _UNLABELLED_U8, UNLABELLED)
 
 
 class EpochBatchSampler(Sampler):
@@ -83,5 +155,5 @@ class EpochBatchSampler(Sampler):
                 yield [(epoch, i) for i in mine[b * self.batch:(b + 1) * self.batch]]
             epoch, first = epoch + 1, 0
 
-    def __len__(self) -> int:  # per epoch
+    def __len__(self) -> int:
         return self.batches_per_epoch

@@ -1,6 +1,9 @@
-"""Dense prediction with a prompt classifier (learned prompts or hand-written templates): mmcv-style rescale,
-sliding windows batched through the frozen backbone, refined log-probabilities averaged where windows overlap,
-bilinear resize to the original size, argmax over every class (seen and unseen)."""
+"""Dense prediction over seen and unseen classes, and its seen / unseen evaluation.
+
+A prompt classifier (learned prompts or hand-written templates): mmcv-style rescale, sliding windows batched through
+the frozen backbone, refined log-probabilities averaged where windows overlap, bilinear resize to the original size,
+argmax over every class. An MVP-SEG+ student: the same rescale, the whole image at once (MaskCLIP+'s test mode:
+single scale, no flip)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from .backbones import DenseBackbone
 from .learner import refined_log_probs
 from .splits import seen_unseen_metrics
 
-__all__ = ['SlideSettings', 'predict_image', 'evaluate_seen_unseen']
+__all__ = ['SlideSettings', 'predict_image', 'predict_student', 'evaluate_predictions', 'evaluate_seen_unseen']
 
 
 @dataclass
@@ -69,22 +72,47 @@ def predict_image(backbone: DenseBackbone, classifier, text: torch.Tensor, image
 
 
 @torch.no_grad()
-def evaluate_seen_unseen(backbone: DenseBackbone, classifier, dataset: SegmentationDataset, unseen: list[int],
-                         settings: SlideSettings, device: torch.device | str = 'cpu',
-                         autocast_dtype: torch.dtype | None = None, limit: int | None = None,
+def predict_student(student, image, short_side: int = 512, long_side: int = 2048, device: torch.device | str = 'cpu',
+                    autocast_dtype: torch.dtype | None = None, size: tuple[int, int] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One RGB image -> (labels [H, W] over the student's classes, logits [C, H, W]), at the image's size or at
+    ``size`` (H, W): rescaled as the prompt classifier's input, the whole image through the student."""
+    arr = rgb_array(image)
+    x = rescale_image(arr, short_side, long_side).to(device) / 255.0
+    with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        logits = student(x)
+    scores = F.interpolate(logits.float(), size=tuple(size or arr.shape[:2]), mode='bilinear',
+                           align_corners=False)[0]
+    return scores.argmax(dim=0), scores
+
+
+@torch.no_grad()
+def evaluate_predictions(predict, dataset: SegmentationDataset, unseen: list[int], limit: int | None = None,
                          progress: bool = True, desc: str = '') -> dict:
-    """Every pixel classified over all the dataset's classes; dataset-level IoU; mIoU(S), mIoU(U), hIoU. Under
-    torchrun each rank takes images rank, rank + W, ... and the confusion matrices are summed."""
+    """``predict(image) -> labels [H, W]`` over all the dataset's classes, on every image; dataset-level IoU;
+    mIoU(S), mIoU(U), hIoU. Under torchrun each rank takes images rank, rank + W, ... and the confusion matrices
+    are summed."""
     names = list(dataset.classes)
-    text = classifier.class_embeddings(backbone, names)
     conf = torch.zeros(len(names), len(names), dtype=torch.int64)
     indices = list(range(len(dataset)))[:limit][get_rank()::get_world_size()]
     for i in tqdm(indices, desc=desc or dataset.spec.name, disable=not (progress and is_main_process()), unit='img',
                   dynamic_ncols=True):
         image, label, _ = dataset[i]
-        pred, _ = predict_image(backbone, classifier, text, image, settings, device, autocast_dtype)
-        conf += confusion_matrix(pred.cpu(), label, len(names))
+        conf += confusion_matrix(predict(image).cpu(), label, len(names))
     conf = all_reduce_sum(conf)
     out = seen_unseen_metrics(conf, names, unseen)
     out.update(dataset=dataset.spec.name, split=dataset.split, num_images=len(list(range(len(dataset)))[:limit]))
     return out
+
+
+@torch.no_grad()
+def evaluate_seen_unseen(backbone: DenseBackbone, classifier, dataset: SegmentationDataset, unseen: list[int],
+                         settings: SlideSettings, device: torch.device | str = 'cpu',
+                         autocast_dtype: torch.dtype | None = None, limit: int | None = None,
+                         progress: bool = True, desc: str = '') -> dict:
+    """:func:`evaluate_predictions` of a prompt classifier (learned prompts or templates) with sliding windows."""
+    text = classifier.class_embeddings(backbone, list(dataset.classes))
+    return evaluate_predictions(
+        lambda image: predict_image(backbone, classifier, text, image, settings, device, autocast_dtype)[0],
+        dataset, unseen, limit, progress, desc)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 
 import torch
 
+from ..checkpoint.format import write_file_atomically
 from .backbones import BackboneConfig, DenseBackbone, build_backbone
 from .learner import MultiViewPrompts, PromptConfig
 
@@ -21,16 +21,7 @@ def save_prompts(path: str, learner: MultiViewPrompts, backbone_cfg: BackboneCon
     payload = {'format': PROMPTS_FORMAT, 'version': 1, 'prompts': dataclasses.asdict(learner.cfg),
                'backbone': dataclasses.asdict(backbone_cfg),
                'state_dict': {k: v.detach().cpu() for k, v in learner.state_dict().items()}, 'meta': meta}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.prompts-', suffix='.tmp')
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_file_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_prompts(path: str, backbone: DenseBackbone | None = None, map_location: str | torch.device = 'cpu'

@@ -45,7 +45,7 @@ from ..training.state import RunState
 from ..training.step import autocast_for
 from .backbones import build_backbone
 from .config import PromptTrainConfig
-from .data import EpochBatchSampler, SeenPixelDataset
+from .data import CropDataset, EpochBatchSampler, seen_only_labels
 from .inference import SlideSettings, evaluate_seen_unseen
 from .learner import MultiViewPrompts, TemplateClassifier, presence_loss, segmentation_loss
 from .prompt_file import save_prompts
@@ -110,15 +110,17 @@ def _run(cfg: PromptTrainConfig, device: torch.device, precision: str, run_dir: 
         restore_rank(saved, rank, world)
         log.info('resumed from %s at step %d', resume, state.step)
 
-    dataset = SeenPixelDataset(train_set, seen, cfg.data.crop_size, cfg.data.base_size, cfg.data.scale_range,
-                               seed=cfg.train.seed)
+    dataset = CropDataset(train_set, seen_only_labels(seen), cfg.data.crop_size, cfg.data.base_size,
+                          cfg.data.scale_range, seed=cfg.train.seed)
     per_epoch = EpochBatchSampler(len(train_set), cfg.data.batch_size, rank, world).batches_per_epoch
     sampler = EpochBatchSampler(len(train_set), cfg.data.batch_size, rank, world, cfg.train.seed,
                                 start_epoch=state.step // per_epoch, start_batch=state.step % per_epoch)
+    # a generator of its own: iterating the loader must not draw from the global RNG, which a resume restores
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=device.type == 'cuda', prefetch_factor=4 if cfg.data.num_workers else None)
+                        pin_memory=device.type == 'cuda', prefetch_factor=4 if cfg.data.num_workers else None,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
     # the run's record is written once the run is known to start: a failed start leaves an existing run's alone
-    write_run_files(run_dir, config_to_yaml(cfg))
+    write_run_files(run_dir, config_to_yaml(cfg), precision)
     logger = MetricsLogger(run_dir, enabled=is_main_process(), wandb_mode=cfg.log.wandb_mode,
                            project=cfg.log.wandb_project, name=cfg.log.wandb_name, tags=cfg.log.wandb_tags,
                            config=json.loads(json.dumps(config_to_dict(cfg))), resume_id=state.wandb_id)

@@ -17,20 +17,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from ..runtime.distributed import broadcast_flag, is_main_process
+from .. import __version__
+from ..runtime.distributed import broadcast_flag, get_world_size, is_main_process
 from .checkpoints import CheckpointWriter
 from .logger import MetricsLogger
 from .state import RunState
 
 log = logging.getLogger('pgseg.train')
 
-__all__ = ['LoopSettings', 'Harness', 'write_run_files']
+__all__ = ['LoopSettings', 'Harness', 'environment_info', 'write_run_files']
 
 
 @dataclass
@@ -42,16 +46,34 @@ class LoopSettings:
     max_nonfinite_steps: int = 20  # consecutive skipped steps that end the run (NonFiniteLossError)
 
 
-def write_run_files(run_dir: str, config_yaml: str, env: dict | None = None) -> None:
-    """The run's record, written by rank 0: ``config.yaml`` (the resolved config) and ``env.json``."""
+def environment_info() -> dict:
+    """Versions, git revision, host, world size, devices and the command line: the run's ``env.json``."""
+    def version(name):
+        try:
+            return __import__(name).__version__
+        except Exception:
+            return None
+    try:
+        rev = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except Exception:
+        rev = None
+    return {'pgseg': __version__, 'git_revision': rev, 'python': sys.version.split()[0], 'torch': torch.__version__,
+            'timm': version('timm'), 'open_clip': version('open_clip'), 'webdataset': version('webdataset'),
+            'world_size': get_world_size(), 'host': platform.node(), 'cuda_devices': torch.cuda.device_count(),
+            'torch_threads': torch.get_num_threads(), 'command': sys.argv}
+
+
+def write_run_files(run_dir: str, config_yaml: str, precision: str) -> None:
+    """The run's record, written by rank 0: ``config.yaml`` (the resolved config) and ``env.json``
+    (:func:`environment_info` and the precision the run resolved, as every trainer writes it)."""
     os.makedirs(run_dir, exist_ok=True)
     if not is_main_process():
         return
     with open(os.path.join(run_dir, 'config.yaml'), 'w') as f:
         f.write(config_yaml)
-    if env is not None:
-        with open(os.path.join(run_dir, 'env.json'), 'w') as f:
-            json.dump(env, f, indent=1)
+    with open(os.path.join(run_dir, 'env.json'), 'w') as f:
+        json.dump({**environment_info(), 'precision': precision}, f, indent=1)
 
 
 class Harness:
