@@ -5,6 +5,7 @@ classifier is their fixed class embeddings; pseudo-labels from the teacher (phas
     pgseg-transfer --config mvpseg_plus_voc_15_5 teacher.prompts=runs/mvpseg_voc_15_5/prompts.pt
     torchrun --nproc_per_node 4 -m pgseg.transfer --config mvpseg_plus_coco_stuff_156_15 \\
         teacher.prompts=runs/mvpseg_coco_stuff_156_15/prompts.pt student.encoder_weights=/path/resnet101.pth
+    pgseg-transfer --report runs/mvpseg_plus_synthetic/seed0 runs/mvpseg_plus_synthetic/seed1   # a seeds table
 
 One process or ``torchrun``; bf16 autocast where native (``train.precision: auto``); atomic ``ckpt-<step>``
 directories and ``checkpoint.resume: auto``; a time limit; metrics.jsonl and wandb. Writes ``student_phase1.pt``
@@ -20,7 +21,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .eval.datasets import LayoutError
 from .mvpseg.config import load_transfer_config
-from .mvpseg.transfer import run
+from .mvpseg.transfer import run, seed_report
 from .runtime.cli import run_command, setup_cpu_process, setup_logging
 
 __all__ = ['main']
@@ -29,10 +30,17 @@ __all__ = ['main']
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='pgseg-transfer', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', required=True,
+    parser.add_argument('--config', default=None,
                         help='a shipped config by name (mvpseg_plus_voc_15_5) or a YAML path')
+    parser.add_argument('--report', nargs='+', default=None, metavar='RUN_DIR',
+                        help='instead of training: a markdown table of finished runs (seeds of one recipe), the '
+                        'mean and each run of every row of their results.json')
     parser.add_argument('overrides', nargs='*', help='key=value overrides, e.g. train.steps=500')
     args = parser.parse_args(argv)
+    if (args.config is None) == (args.report is None):
+        parser.error('give --config (train) or --report RUN_DIR ... (summarise finished runs)')
+    if args.report:
+        return run_command('pgseg-transfer', lambda: print(seed_report(args.report)), (FileNotFoundError,))
     setup_logging()
     setup_cpu_process()
 

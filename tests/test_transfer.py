@@ -188,7 +188,7 @@ def test_phase_switch_uses_the_teacher_then_the_student(synthetic_root, teacher_
 
 
 def test_transfer_resume_lands_on_the_same_parameters_and_eval_segment_use_the_student(
-        synthetic_root, teacher_prompts, tmp_path):
+        synthetic_root, teacher_prompts, tmp_path, capsys):
     from pgseg.evaluate import main as eval_main
     from pgseg.mvpseg.config import load_transfer_config
     from pgseg.mvpseg.transfer import run
@@ -209,6 +209,9 @@ def test_transfer_resume_lands_on_the_same_parameters_and_eval_segment_use_the_s
         assert r['unseen_classes'] == ['circle', 'star'] and len(r['per_class_iou']) == 8
     saved = json.load(open(tmp_path / 'b' / 'results.json'))
     assert saved['steps'] == 4 and meta['unseen'] == ['circle', 'star']
+    from PIL import Image
+    grid = Image.open(saved['visuals'])  # input, truth, teacher, phase 1, final: one row per validation image
+    assert grid.width > 5 * 160 and grid.height > 3 * 160
     # pgseg-eval --student: the same figures as the trainer's own evaluation
     out = str(tmp_path / 'eval')
     assert eval_main(['--student', str(tmp_path / 'b' / 'student.pt'), '--dataset', 'voc20', '--data-root',
@@ -222,6 +225,56 @@ def test_transfer_resume_lands_on_the_same_parameters_and_eval_segment_use_the_s
     assert segment_main([image, '--student', str(tmp_path / 'b'), '--classes', 'circle,square,moon',
                          '--out', seg_out]) == 0
     assert any(f.endswith('.png') for f in os.listdir(seg_out))
+    # the seeds table: each row's mean over the runs, with each run's figure
+    from pgseg.transfer import main as transfer_main
+    capsys.readouterr()
+    assert transfer_main(['--report', str(tmp_path / 'a'), str(tmp_path / 'b')]) == 0
+    table = capsys.readouterr().out
+    final = f"{straight['final']['hiou']:.1f}"
+    assert '| MVP-SEG+ after phase 2 |' in table and f'({final}, {final})' in table
+    assert transfer_main(['--report', str(tmp_path / 'nothing')]) != 0
+
+
+def _two_rank_transfer(rank, port, root, prompts, out):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE='2',
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE='2')
+    import torch.distributed as dist
+
+    from pgseg.mvpseg import transfer
+    from pgseg.mvpseg.config import load_transfer_config
+    final = {}
+    evaluate = transfer.evaluate_student
+
+    def keep_parameters(cfg, student, *args, **kwargs):  # every rank evaluates its own copy at the end
+        final.update({n: p.detach().clone() for n, p in student.named_parameters()})
+        return evaluate(cfg, student, *args, **kwargs)
+
+    transfer.evaluate_student = keep_parameters
+    try:
+        transfer.run(load_transfer_config(None, transfer_overrides(root, prompts, out, steps=3)
+                                          + ['eval.teacher=false', 'eval.visualize=0']))
+        torch.save(final, os.path.join(out, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_one_student(synthetic_root, teacher_prompts, tmp_path):
+    """torchrun's path: two gloo ranks (DDP), each on its share of the batches, end with one student."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / 'ddp')
+    mp.spawn(_two_rank_transfer, args=(port, synthetic_root, teacher_prompts, out), nprocs=2, join=True)
+    results = json.load(open(os.path.join(out, 'results.json')))
+    assert results['steps'] == 3 and json.load(open(os.path.join(out, 'env.json')))['world_size'] == 2
+    ranks = [torch.load(os.path.join(out, f'rank{r}.pt'), weights_only=True) for r in range(2)]
+    saved, _ = load_student(out)
+    for name, p in saved.named_parameters():  # DDP kept the ranks' weights equal, and rank 0 saved them
+        assert torch.equal(ranks[0][name], ranks[1][name]) and torch.equal(ranks[0][name], p), name
 
 
 def test_every_transfer_config_loads():

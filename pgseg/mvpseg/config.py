@@ -138,6 +138,7 @@ class TransferEvalConfig:
     at_phase_switch: bool = True  # also evaluate the student when phase 1 ends
     teacher: bool = True  # also evaluate the teacher (learned prompts) and the hand-written templates
     templates: str = 'full'
+    visualize: int = 6  # predictions.png: this many validation images, teacher and student side by side (0: none)
     teacher_short_side: int | None = None  # the teacher's sliding-window sizes; null: its prompts file's
     teacher_crop_size: int | None = None
     teacher_stride: int | None = None

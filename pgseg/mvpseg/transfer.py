@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import time
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,8 @@ from .student import Student, save_student
 
 log = logging.getLogger('pgseg.mvpseg')
 
-__all__ = ['run', 'transfer_loss', 'evaluate_student', 'format_transfer_table', 'ROWS']
+__all__ = ['run', 'transfer_loss', 'evaluate_student', 'prediction_grid', 'format_transfer_table', 'seed_report',
+           'ROWS']
 
 # results.json's rows, in the order of the table: (key, label)
 ROWS = (('templates', 'hand-written templates'), ('prompts', 'MVP-SEG (learned prompts)'),
@@ -151,6 +153,7 @@ def _run(cfg: TransferConfig, device: torch.device, precision: str, run_dir: str
 
     scheduler.step_update(state.step)
     batches = iter(loader)
+    started, first_step = time.time(), state.step
     while not harness.should_stop():
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -173,7 +176,8 @@ def _run(cfg: TransferConfig, device: torch.device, precision: str, run_dir: str
     if is_main_process():
         shutil.copyfile(os.path.join(final, 'student.pt'), os.path.join(run_dir, 'student.pt'))
     results = {'dataset': cfg.data.dataset, 'split': cfg.data.val_split, 'protocol': cfg.data.protocol,
-               'steps': state.step, 'self_train_from': cfg.pseudo.self_train_from, 'precision': precision}
+               'steps': state.step, 'self_train_from': cfg.pseudo.self_train_from, 'precision': precision,
+               'steps_this_run': state.step - first_step, 'wall_s_this_run': round(time.time() - started, 1)}
     phase1 = os.path.join(run_dir, PHASE1_FILES[1])
     if os.path.isfile(phase1):
         with open(phase1) as f:
@@ -181,6 +185,8 @@ def _run(cfg: TransferConfig, device: torch.device, precision: str, run_dir: str
     results['final'] = evaluate_student(cfg, student, unseen, device, precision, 'student (final)')
     if cfg.eval.teacher:
         results.update(evaluate_teacher(cfg, backbone, learner, prompt_meta, unseen, device, precision))
+    if cfg.eval.visualize and is_main_process():
+        results['visuals'] = prediction_grid(cfg, student, learner, backbone, prompt_meta, run_dir, device)
     logger.log(state.step, {f'eval/{row}/{m}': results[row][m] for row, _ in ROWS if row in results
                             for m in ('miou_seen', 'miou_unseen', 'hiou', 'miou')})
     if is_main_process():
@@ -271,6 +277,47 @@ def evaluate_teacher(cfg: TransferConfig, backbone, learner, prompt_meta: dict, 
                                               desc=f'teacher: templates ({e.templates})')}
 
 
+@torch.no_grad()
+def prediction_grid(cfg: TransferConfig, student: Student, learner, backbone, prompt_meta: dict, run_dir: str,
+                    device, height: int = 160) -> str:
+    """``predictions.png``: the first ``eval.visualize`` validation images, one per row: input, ground truth, the
+    teacher's prediction, the student after phase 1 (when ``student_phase1.pt`` exists) and at the end, every
+    prediction over all classes; a legend of the classes shown. Returns the file's path."""
+    from PIL import Image
+
+    from ..eval.visualize import label_image, legend_entries, titled_grid
+    from .inference import predict_image
+    from .student import load_student
+    val = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.val_split)
+    names = list(val.classes)
+    settings = SlideSettings.from_prompts(prompt_meta, cfg.eval.teacher_short_side, cfg.eval.teacher_crop_size,
+                                          cfg.eval.teacher_stride)
+    text = learner.class_embeddings(backbone, names)
+    predictors = [('MVP-SEG prompts', lambda img: predict_image(backbone, learner, text, img, settings, device)[0])]
+    phase1_path = os.path.join(run_dir, PHASE1_FILES[0])
+    columns = [(student, 'MVP-SEG+ final')]
+    if os.path.isfile(phase1_path):
+        columns.insert(0, (load_student(phase1_path, device)[0], 'MVP-SEG+ phase 1'))
+    for model, title in columns:
+        predictors.append((title, lambda img, m=model: predict_student(m, img, cfg.eval.short_side,
+                                                                       cfg.eval.long_side, device)[0]))
+    was_training = student.training
+    student.eval()
+    rows, maps = [], []
+    for i in range(min(cfg.eval.visualize, len(val))):
+        image, label, _ = val[i]
+        w = max(1, round(image.width * height / image.height))
+        preds = [predict(image).cpu().numpy() for _, predict in predictors]
+        maps += [label, *preds]
+        rows.append([image.convert('RGB').resize((w, height), Image.NEAREST)]
+                    + [label_image(m, len(names)).resize((w, height), Image.NEAREST) for m in (label, *preds)])
+    student.train(was_training)
+    path = os.path.join(run_dir, 'predictions.png')
+    grid = titled_grid(rows, ['input', 'ground truth'] + [t for t, _ in predictors], legend_entries(maps, names))
+    write_file_atomically(path, lambda tmp: grid.save(tmp, format='PNG'))
+    return path
+
+
 def format_transfer_table(results: dict) -> str:
     """The four rows (templates, prompts, after phase 1, after phase 2) that are present, as a text table."""
     head = f"{'classifier':<30}{'mIoU(S)':>9}{'mIoU(U)':>9}{'hIoU':>8}{'mIoU':>8}"
@@ -282,4 +329,37 @@ def format_transfer_table(results: dict) -> str:
             r = results[key]
             lines.append(f"{label:<30}{r['miou_seen']:>9.2f}{r['miou_unseen']:>9.2f}{r['hiou']:>8.2f}"
                          f"{r['miou']:>8.2f}")
+    return '\n'.join(lines)
+
+
+def seed_report(run_dirs: list[str]) -> str:
+    """A markdown table of several runs' ``results.json`` (seeds of one recipe): per row of :data:`ROWS`, the mean
+    of mIoU(S), mIoU(U), hIoU and mIoU with each run's figure, then the runs' steps, precision and wall time."""
+    results = []
+    for d in run_dirs:
+        path = os.path.join(d, 'results.json')
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{path}: no results (has pgseg-transfer finished in {d}?)')
+        with open(path) as f:
+            results.append(json.load(f))
+    metrics = (('miou_seen', 'mIoU(S)'), ('miou_unseen', 'mIoU(U)'), ('hiou', 'hIoU'), ('miou', 'mIoU'))
+    first = results[0]['final']
+    lines = [f"{results[0]['dataset']} {results[0]['split']}, {first['num_images']} images, protocol "
+             f"{results[0]['protocol']}, unseen: {', '.join(first['unseen_classes'])}; mean of {len(results)} runs "
+             f"(each run's figure in brackets)", '',
+             '| classifier | ' + ' | '.join(label for _, label in metrics) + ' |', '|---' * (len(metrics) + 1) + '|']
+    for key, label in ROWS:
+        rows = [r[key] for r in results if key in r]
+        if len(rows) != len(results):
+            continue
+        cells = []
+        for m, _ in metrics:
+            values = [r[m] for r in rows]
+            cells.append(f"{sum(values) / len(values):.2f} ({', '.join(f'{v:.1f}' for v in values)})")
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    lines.append('')
+    for d, r in zip(run_dirs, results):
+        lines.append(f"- {d}: {r['steps']} steps, phase 1 until step {r['self_train_from']}, {r['precision']}; "
+                     f"{r['steps_this_run']} steps trained and the phase-1 evaluation in "
+                     f"{r['wall_s_this_run'] / 60:.1f} min by its last invocation")
     return '\n'.join(lines)
