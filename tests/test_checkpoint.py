@@ -201,3 +201,20 @@ def test_convert_cli(tmp_path, capsys):
     assert convert_main([str(tmp_path / 'official.pth'), str(tmp_path / 'paper'), '--npr-variant', 'paper']) == 0
     assert load_model(tmp_path / 'paper').cfg.npr.variant == 'paper'
     assert convert_main([str(tmp_path / 'missing.pth'), str(tmp_path / 'x')]) == 2
+
+
+def test_atomic_file_writes_leave_no_temporary_and_take_the_umask_permissions(tmp_path):
+    """mkstemp's temporaries are private (0600); the file in place gets what open() would give it."""
+    from pgseg.checkpoint.format import write_file_atomically
+    old = os.umask(0o022)
+    try:
+        path = write_file_atomically(tmp_path / 'out.json', lambda tmp: open(tmp, 'w').write('{}'))
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644 and os.listdir(tmp_path) == ['out.json']
+
+    def fail(tmp):
+        raise RuntimeError('disk full')
+    with pytest.raises(RuntimeError):
+        write_file_atomically(tmp_path / 'other.json', fail)
+    assert os.listdir(tmp_path) == ['out.json']  # nothing half-written, no temporary left

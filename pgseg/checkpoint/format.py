@@ -42,6 +42,9 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None])
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)  # mkstemp makes the file private (0600): give it the permissions open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

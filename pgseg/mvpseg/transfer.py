@@ -297,7 +297,7 @@ def prediction_grid(cfg: TransferConfig, student: Student, learner, backbone, pr
     phase1_path = os.path.join(run_dir, PHASE1_FILES[0])
     columns = [(student, 'MVP-SEG+ final')]
     if os.path.isfile(phase1_path):
-        columns.insert(0, (load_student(phase1_path, device)[0], 'MVP-SEG+ phase 1'))
+        columns.insert(0, (load_student(phase1_path)[0].to(device), 'MVP-SEG+ phase 1'))
     for model, title in columns:
         predictors.append((title, lambda img, m=model: predict_student(m, img, cfg.eval.short_side,
                                                                        cfg.eval.long_side, device)[0]))
