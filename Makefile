@@ -58,7 +58,8 @@ mvpseg-plus-demo: install
 			train.output_dir=runs/mvpseg_plus_synthetic/seed$$seed || exit 1; \
 	done
 	$(VENV)/bin/pgseg-transfer --report $(foreach s,$(MVPSEG_PLUS_SEEDS),runs/mvpseg_plus_synthetic/seed$(s)) \
-		| tee runs/mvpseg_plus_synthetic/table.md
+		> runs/mvpseg_plus_synthetic/table.md
+	cat runs/mvpseg_plus_synthetic/table.md
 
 DEMO_CLASSES := circle, square, triangle, star, cross, ring, heart, crescent
 DEMO_EXAMPLES := data/demo/eval/test/VOCdevkit/VOC2012/JPEGImages

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--prompts', default=None, help='MVP-SEG prompts file (pgseg-prompt-train): every pixel is '
                         'classified over seen and unseen classes; reports mIoU(S), mIoU(U), hIoU')
     parser.add_argument('--student', default=None, help='MVP-SEG+ student (pgseg-transfer: student.pt or its run '
-                        'directory): whole-image inference over seen and unseen classes; mIoU(S), mIoU(U), hIoU')
+                        'directory): whole-image inference over seen and unseen classes; mIoU(S), mIoU(U), hIoU. '
+                        "Classes it was not trained on are embedded with its teacher's prompts (--prompts, if given, "
+                        'replaces the prompts file it was trained from)')
     parser.add_argument('--unseen', default=None, help='with --prompts or --student: comma-separated unseen class '
                         "names (default: the file's), or a named split: voc_15_5, context_49_10, coco_stuff_156_15")
     parser.add_argument('--dataset', action='append', default=[], choices=list(DATASETS),
@@ -78,11 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_cpu_process()
     if not args.dataset and not args.imagenet:
         parser.error('give at least one --dataset or --imagenet')
-    if args.prompts and args.student:
-        parser.error('give --prompts or --student, not both')
     if args.prompts or args.student:
         # options of the checkpoint evaluation that these have no use for: an error, not silently ignored
-        flag = '--prompts' if args.prompts else '--student'
+        flag = '--student' if args.student else '--prompts'
         names = ('protocol', 'templates', 'bg_thresh', 'background_words', 'imagenet', 'wandb', 'dense',
                  'clip', 'clip_pretrained') + (('crop_size', 'stride') if args.student else ())
         unused = [f'--{name.replace("_", "-")}' for name in names if getattr(args, name) != parser.get_default(name)]
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f'{", ".join(unused)}: not used with {flag} (the file fixes the classifier; pixels are '
                          'scored over seen and unseen classes, without a background rule'
                          f'{"; the student sees the whole image" if args.student else ""})')
-        return _main_prompts(args) if args.prompts else _main_student(args)
+        return _main_student(args) if args.student else _main_prompts(args)
     if args.clip:
         if args.checkpoint:
             parser.error('give --checkpoint or --clip, not both')
@@ -184,8 +184,7 @@ def _main_student(args) -> int:
     """``pgseg-eval --student FILE``: seen / unseen evaluation of an MVP-SEG+ student (whole image, single scale)."""
     def body() -> None:
         device, _ = init_distributed()
-        student, meta = mvpseg.load_student(args.student)
-        student = student.to(device)
+        meta = mvpseg.load_student(args.student)[1]
         short = args.short_side or meta.get('eval', {}).get('short_side', 512)
         long = meta.get('eval', {}).get('long_side', 2048)
         results = {'student': args.student, 'settings': {'short_side': short, 'long_side': long}, 'results': []}
@@ -194,9 +193,11 @@ def _main_student(args) -> int:
         for name in args.dataset:
             ds = build_dataset(name, args.data_root, args.split)
             unseen = mvpseg.resolve_unseen(args.unseen, ds.classes, meta.get('unseen', []))
-            mvpseg.retarget_student(student, meta, list(ds.classes), args.checkpoint)
+            # a fresh copy per dataset: retargeting replaces classifier rows in place
+            student = mvpseg.retarget_student(mvpseg.load_student(args.student)[0], meta, list(ds.classes),
+                                              args.checkpoint, args.prompts).to(device)
             m = mvpseg.evaluate_predictions(
-                lambda image: mvpseg.predict_student(student, image, short, long, device, dtype)[0],
+                lambda image, s=student: mvpseg.predict_student(s, image, short, long, device, dtype)[0],
                 ds, unseen, args.limit)
             if is_main_process():
                 print('\n' + format_table(m, f'{name} ({m["num_images"]} images), student {args.student}'))

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                         'gets one of --classes, no background rule; --checkpoint, if given, is the pgseg backbone')
     parser.add_argument('--student', default=None, help='an MVP-SEG+ student (pgseg-transfer: student.pt or its run '
                         'directory): every pixel gets one of --classes; names it was not trained on are embedded '
-                        "with its teacher's prompts (--checkpoint, if given, is that teacher's pgseg backbone)")
+                        "with its teacher's prompts (--prompts, if given, replaces the prompts file the student was "
+                        "trained from; --checkpoint the teacher's pgseg backbone)")
     parser.add_argument('--out', default='runs/segment', help='output folder')
     parser.add_argument('--bg-thresh', type=float, default=0.9,
                         help='background threshold (official rule); negative: no background class')
@@ -47,15 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.checkpoint and not args.prompts and not args.student:
         parser.error('give --checkpoint (zero-shot rule), --prompts (learned MVP-SEG prompts) or --student '
                      '(an MVP-SEG+ student)')
-    if args.prompts and args.student:
-        parser.error('give --prompts or --student, not both')
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dtype = bf16_flag_dtype(args.bf16, device)
     failed = []
 
     def body() -> None:
         if args.student:
-            segmenter = StudentSegmenter(args.student, args.classes.split(','), args.checkpoint, device, dtype)
+            segmenter = StudentSegmenter(args.student, args.classes.split(','), args.checkpoint, device, dtype,
+                                         prompts=args.prompts)
         elif args.prompts:
             segmenter = PromptSegmenter(args.prompts, args.classes.split(','), args.checkpoint, device, dtype)
         else:

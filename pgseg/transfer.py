@@ -15,6 +15,7 @@ the learned prompts and the student after each phase. Keys: docs/configuration.m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .checkpoint import CheckpointError
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     if (args.config is None) == (args.report is None):
         parser.error('give --config (train) or --report RUN_DIR ... (summarise finished runs)')
     if args.report:
-        return run_command('pgseg-transfer', lambda: print(seed_report(args.report)), (FileNotFoundError,))
+        # argparse hands key=value words after --report to it: refuse them rather than ignore them
+        overrides = args.overrides + [a for a in args.report if '=' in a and not os.path.isdir(a)]
+        if overrides:
+            parser.error(f'--report takes run directories only; {overrides} would be ignored')
+        return run_command('pgseg-transfer', lambda: print(seed_report(args.report)), (FileNotFoundError, ValueError))
     setup_logging()
     setup_cpu_process()
 

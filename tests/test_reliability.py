@@ -95,9 +95,15 @@ def test_temporaries_of_interrupted_writes_are_removed_at_start(tmp_path, shards
     (out / '.ckpt-00000004.tmp-abc123' / 'model.safetensors').write_bytes(b'half')
     (out / '.ckpt-00000002.old-xyz').mkdir()
     (out / '.prompts-q1w2.tmp').write_bytes(b'half')
+    import tempfile  # the names write_file_atomically's temporaries take
+    for name in ('student.pt', 'results.json'):
+        fd, _ = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=out)
+        os.close(fd)
     (out / 'notes.txt').write_text('mine')
+    (out / '.notes.tmp').write_text('mine too')  # not a name the writers use
     assert train_main(_args(out, shards, 'train.max_steps=1')) == 0
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith('.') and p.name != '.pgseg-run.lock') == []
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith('.') and p.name != '.pgseg-run.lock') == \
+        ['.notes.tmp']
     assert (out / 'notes.txt').read_text() == 'mine'
 
 

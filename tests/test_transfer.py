@@ -119,6 +119,25 @@ def test_student_classifier_is_fixed_and_background_is_learned():
         Student(StudentConfig(encoder='resnet18', background='sky'), emb, ['background', 'a', 'b', 'c'])
 
 
+def test_student_file_round_trip_keeps_the_learned_background_and_retargets(tmp_path):
+    from pgseg.mvpseg.student import retarget_student, save_student
+    emb = torch.nn.functional.normalize(torch.randn(3, 12), dim=-1)
+    student = Student(StudentConfig(encoder='resnet18', decoder_channels=16, output_stride=16,
+                                    background='background'), emb, ['background', 'a', 'b'])
+    with torch.no_grad():
+        student.background_embedding.add_(1.0)  # as if trained
+    save_student(str(tmp_path / 'student.pt'), student, {'unseen': ['b']})
+    loaded, meta = load_student(str(tmp_path / 'student.pt'))
+    assert meta == {'unseen': ['b']} and torch.equal(loaded.classifier(), student.classifier())
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.allclose(loaded(x), student.eval()(x))
+    # another order of the same classes: the same rows, the learned background included
+    retarget_student(loaded, meta, ['b', 'background'])
+    assert torch.equal(loaded.classifier(), student.classifier()[[2, 0]])
+    with pytest.raises(FileNotFoundError, match='--prompts'):  # a new name needs the teacher's prompts file
+        retarget_student(load_student(str(tmp_path))[0], meta, ['a', 'zebra'])
+
+
 def test_encoder_weights_load_from_a_local_file_and_a_mismatch_is_an_error(tmp_path):
     import torchvision
     reference = torchvision.models.resnet18(weights=None)
@@ -193,16 +212,26 @@ def test_transfer_resume_lands_on_the_same_parameters_and_eval_segment_use_the_s
     from pgseg.mvpseg.config import load_transfer_config
     from pgseg.mvpseg.transfer import run
     from pgseg.segment import main as segment_main
+    # checkpoints at 1, 2, 3; resuming from step 1 crosses the phase switch (step 2) again
+    every_step = ['checkpoint.every_steps=1', 'checkpoint.keep_last=5']
     run(load_transfer_config(None, transfer_overrides(synthetic_root, teacher_prompts, tmp_path / 'a')
-                             + ['train.max_steps=3', 'eval.teacher=false']))  # stops at 3 (a checkpoint at 2, 3)
+                             + every_step + ['train.max_steps=3', 'eval.teacher=false']))
     import shutil
-    shutil.rmtree(tmp_path / 'a' / 'ckpt-00000003')  # resume from step 2: the phase switch is crossed again
-    resumed = run(load_transfer_config(None, transfer_overrides(synthetic_root, teacher_prompts, tmp_path / 'a')))
+    for step in (2, 3):
+        shutil.rmtree(tmp_path / 'a' / f'ckpt-0000000{step}')
+    resumed = run(load_transfer_config(None, transfer_overrides(synthetic_root, teacher_prompts, tmp_path / 'a')
+                                       + every_step))
+    assert resumed['phase1']['step'] == 2
     straight = run(load_transfer_config(None, transfer_overrides(synthetic_root, teacher_prompts, tmp_path / 'b')))
     a, _ = load_student(str(tmp_path / 'a'))
     b, meta = load_student(str(tmp_path / 'b' / 'student.pt'))
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+    # after training, the classifier is still the teacher's fused class embeddings
+    from pgseg.mvpseg import load_prompt_classifier
+    from pgseg.mvpseg.pseudo_labels import fused_class_embeddings
+    learner, backbone, _ = load_prompt_classifier(teacher_prompts)
+    assert torch.allclose(b.class_embeddings, fused_class_embeddings(learner, backbone, b.class_names), atol=1e-6)
     assert resumed['final']['miou'] == straight['final']['miou']
     for row in ('templates', 'prompts', 'phase1', 'final'):
         r = straight[row]
@@ -233,6 +262,14 @@ def test_transfer_resume_lands_on_the_same_parameters_and_eval_segment_use_the_s
     final = f"{straight['final']['hiou']:.1f}"
     assert '| MVP-SEG+ after phase 2 |' in table and f'({final}, {final})' in table
     assert transfer_main(['--report', str(tmp_path / 'nothing')]) != 0
+    with pytest.raises(SystemExit):  # an override would be ignored: refused
+        transfer_main(['--report', str(tmp_path / 'a'), 'train.steps=3'])
+    other = json.load(open(tmp_path / 'a' / 'results.json'))
+    other['final']['unseen_classes'] = ['circle']
+    os.makedirs(tmp_path / 'c')
+    json.dump(other, open(tmp_path / 'c' / 'results.json', 'w'))
+    assert transfer_main(['--report', str(tmp_path / 'a'), str(tmp_path / 'c')]) != 0  # runs that do not compare
+    assert 'different data' in capsys.readouterr().err
 
 
 def _two_rank_transfer(rank, port, root, prompts, out):

@@ -53,26 +53,30 @@ def suppressed_unseen_labels(unseen: Sequence[int]) -> np.ndarray:
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """mmseg's PhotoMetricDistortion on a uint8 RGB image [H, W, 3], each part with probability 1/2: brightness
     + U(-32, 32); contrast x U(0.5, 1.5) (before or after the colour parts, at random); saturation x U(0.5, 1.5)
-    and hue + U(-18, 18) degrees of OpenCV's 180 (through torchvision's colour operations)."""
-    x = image.astype(np.float32)
+    and hue + U(-18, 18) degrees of OpenCV's 180 (through torchvision's colour operations). As mmseg, each of
+    brightness and contrast is clipped to 0..255 and truncated to uint8 at once."""
+    def convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    x = image
     if rng.random() < 0.5:
-        x = x + rng.uniform(-32, 32)
+        x = convert(x, beta=rng.uniform(-32, 32))
     contrast_first = rng.random() < 0.5
     contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
     if contrast is not None and contrast_first:
-        x = x * contrast
+        x = convert(x, alpha=contrast)
     saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
     hue = rng.integers(-18, 19) / 180.0 if rng.random() < 0.5 else None
     if saturation is not None or hue is not None:
-        t = torch.from_numpy(np.clip(x, 0, 255).round().astype(np.uint8)).permute(2, 0, 1)
+        t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
         if saturation is not None:
             t = TF.adjust_saturation(t, float(saturation))
         if hue is not None:
             t = TF.adjust_hue(t, float(hue))
-        x = t.permute(1, 2, 0).numpy().astype(np.float32)
+        x = t.permute(1, 2, 0).numpy()
     if contrast is not None and not contrast_first:
-        x = x * contrast
-    return np.clip(x, 0, 255).round().astype(np.uint8)
+        x = convert(x, alpha=contrast)
+    return np.ascontiguousarray(x)
 
 
 class CropDataset(Dataset):

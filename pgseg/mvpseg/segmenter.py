@@ -46,20 +46,21 @@ class PromptSegmenter:
 
 class StudentSegmenter:
     """Segmentation with an MVP-SEG+ student (``pgseg-transfer``'s ``student.pt`` or its run directory): every pixel
-    gets one of ``classes``; names the student was not trained on are embedded with its teacher's prompts.
+    gets one of ``classes``; names the student was not trained on are embedded with its teacher's prompts (the file
+    it was trained from, or ``prompts``).
 
         seg = pgseg.StudentSegmenter("runs/mvpseg_plus/student.pt", classes=["cat", "dog", "grass"])
     """
 
     def __init__(self, student: str, classes: Sequence[str], checkpoint: str | None = None,
                  device: torch.device | str | None = None, autocast_dtype: torch.dtype | None = None,
-                 short_side: int | None = None):
+                 short_side: int | None = None, prompts: str | None = None):
         names = [c.strip() for c in classes if c and c.strip()]
         if not names:
             raise ValueError('StudentSegmenter needs at least one class name')
         self.device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
         model, meta = load_student(student)
-        self.student = retarget_student(model, meta, names, checkpoint).to(self.device).eval()
+        self.student = retarget_student(model, meta, names, checkpoint, prompts).to(self.device).eval()
         self.short_side = short_side or meta.get('eval', {}).get('short_side', 512)
         self.long_side = meta.get('eval', {}).get('long_side', 2048)
         self.class_names, self.autocast_dtype = names, autocast_dtype

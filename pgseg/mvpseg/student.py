@@ -42,6 +42,7 @@ class StudentConfig:
     encoder_weights: str | None = None  # a local torchvision / timm ResNet state dict (ImageNet); null: from scratch
     output_stride: Literal[8, 16] = 8  # MaskCLIP+'s students are d8
     decoder_channels: int = 256
+    dropout: float = 0.1  # in the ASPP module (mmseg's heads: 0.1 before the classifier; smp's default is 0.5)
     background: str | None = None  # a class whose embedding is learned, not the teacher's (Context: background)
 
 
@@ -57,7 +58,7 @@ class Student(nn.Module):
         self.cfg, self.class_names = cfg, list(class_names)
         dim = class_embeddings.shape[1]
         common = dict(encoder_name=cfg.encoder, encoder_weights=None, encoder_output_stride=cfg.output_stride,
-                      classes=dim, upsampling=1)
+                      classes=dim, upsampling=1, decoder_aspp_dropout=cfg.dropout)
         if cfg.arch == 'deeplabv3plus':
             self.net = smp.DeepLabV3Plus(decoder_channels=cfg.decoder_channels, **common)
         elif cfg.arch == 'deeplabv3':
@@ -113,13 +114,18 @@ class Student(nn.Module):
 
 
 def load_encoder_weights(encoder: nn.Module, path: str) -> None:
-    """A local ImageNet ResNet state dict (torchvision's ``resnet101-*.pth``, a timm or smp file, or a checkpoint
-    with a ``state_dict`` key) into the encoder; the classifier (``fc.*``) is dropped. Any missing encoder weight
-    or unexpected key is an error naming the file: a silent partial load would train from scratch unnoticed."""
+    """A local ImageNet ResNet state dict (torchvision's ``resnet101-*.pth``, a timm ResNet's, a checkpoint with a
+    ``state_dict`` key, or a ``.safetensors`` file such as smp's) into the encoder; the classifier (``fc.*``) is
+    dropped. Any missing encoder weight or unexpected key is an error naming the file: a silent partial load would
+    train from scratch unnoticed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'student.encoder_weights: {path} does not exist (give a local ImageNet ResNet '
                                 f'state dict, or null to train the encoder from scratch)')
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location='cpu', weights_only=True)
     state = state.get('state_dict', state) if isinstance(state, dict) else state
     state = {k.removeprefix('module.').removeprefix('encoder.'): v for k, v in state.items()
              if not k.removeprefix('module.').startswith(('fc.', 'head.fc.'))}
@@ -161,10 +167,13 @@ def load_student(path: str, map_location: str | torch.device = 'cpu') -> tuple[S
     return student.eval(), payload['meta']
 
 
-def retarget_student(student: Student, meta: dict, names: Sequence[str], checkpoint: str | None = None) -> Student:
+def retarget_student(student: Student, meta: dict, names: Sequence[str], checkpoint: str | None = None,
+                     prompts: str | None = None) -> Student:
     """The student classifying ``names``: its own classifier rows for the classes it was trained on (the learned
     background included), and for any other name the teacher's fused prompt embedding, computed with the prompts
-    file the student was trained from (``meta['prompts']``; ``checkpoint`` replaces the backbone it names)."""
+    file the student was trained from (``meta['prompts']``, or ``prompts`` when it has moved; ``checkpoint``
+    replaces the backbone the prompts file names). The student is changed in place; retarget a fresh
+    :func:`load_student` for each class list."""
     names = list(names)
     if names == student.class_names:
         return student
@@ -173,10 +182,11 @@ def retarget_student(student: Student, meta: dict, names: Sequence[str], checkpo
     if missing:
         from .prompt_file import load_prompt_classifier
         from .pseudo_labels import fused_class_embeddings
-        prompts = meta.get('prompts')
+        prompts = prompts or meta.get('prompts')
         if not prompts or not os.path.isfile(prompts):
             raise FileNotFoundError(f'classes {missing} are not among the student\'s {student.class_names}; embedding '
-                                    f'them needs the teacher\'s prompts file {prompts!r}, which is not there')
+                                    f'them needs the teacher\'s prompts file {prompts!r}, which is not there '
+                                    f'(give its new place with --prompts)')
         learner, backbone, _ = load_prompt_classifier(prompts, checkpoint or meta.get('teacher_backbone'))
         rows.update(zip(missing, fused_class_embeddings(learner, backbone, missing).to(student.class_embeddings)))
     student.set_classes(names, torch.stack([rows[n] for n in names]))

@@ -47,12 +47,19 @@ from .student import Student, save_student
 
 log = logging.getLogger('pgseg.mvpseg')
 
-__all__ = ['run', 'transfer_loss', 'evaluate_student', 'prediction_grid', 'format_transfer_table', 'seed_report',
-           'ROWS']
+__all__ = ['run', 'row_label', 'transfer_loss', 'evaluate_student', 'prediction_grid', 'format_transfer_table',
+           'seed_report', 'ROWS']
 
-# results.json's rows, in the order of the table: (key, label)
+# results.json's rows, in the order of the table: (key, label); 'final' is labelled by row_label
 ROWS = (('templates', 'hand-written templates'), ('prompts', 'MVP-SEG (learned prompts)'),
         ('phase1', 'MVP-SEG+ after phase 1'), ('final', 'MVP-SEG+ after phase 2'))
+
+
+def row_label(key: str, label: str, results: dict) -> str:
+    """A row's label; the final student of a run without self-training is 'after phase 1' as well."""
+    if key == 'final' and results.get('self_train_from', 0) >= results.get('steps', 0):
+        return 'MVP-SEG+ (phase 1 only)'
+    return label
 PHASE1_FILES = ('student_phase1.pt', 'phase1_results.json')
 
 
@@ -112,12 +119,17 @@ def _run(cfg: TransferConfig, device: torch.device, precision: str, run_dir: str
         state = RunState.from_state(saved['run'])
         restore_rank(saved, rank, world)
         log.info('resumed from %s at step %d', resume, state.step)
+    if state.step < cfg.pseudo.self_train_from and is_main_process():  # phase 1 lies ahead: older files are stale
+        for name in PHASE1_FILES:
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
     model = student
     if world > 1:
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda' else None)
     meta = {'dataset': cfg.data.dataset, 'protocol': cfg.data.protocol, 'classes': classes,
             'seen': [classes[i] for i in seen], 'unseen': [classes[i] for i in unseen],
-            'prompts': os.path.abspath(cfg.teacher.prompts), 'teacher_backbone': cfg.teacher.checkpoint,
+            'prompts': os.path.abspath(cfg.teacher.prompts),
+            'teacher_backbone': os.path.abspath(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else None,
             'eval': {'short_side': cfg.eval.short_side, 'long_side': cfg.eval.long_side}}
 
     dataset = CropDataset(train_set, suppressed_unseen_labels(unseen), cfg.data.crop_size, cfg.data.base_size,
@@ -174,7 +186,8 @@ def _run(cfg: TransferConfig, device: torch.device, precision: str, run_dir: str
             harness.save(train_state())
     final = harness.finish(train_state())
     if is_main_process():
-        shutil.copyfile(os.path.join(final, 'student.pt'), os.path.join(run_dir, 'student.pt'))
+        write_file_atomically(os.path.join(run_dir, 'student.pt'),
+                              lambda tmp: shutil.copyfile(os.path.join(final, 'student.pt'), tmp))
     results = {'dataset': cfg.data.dataset, 'split': cfg.data.val_split, 'protocol': cfg.data.protocol,
                'steps': state.step, 'self_train_from': cfg.pseudo.self_train_from, 'precision': precision,
                'steps_this_run': state.step - first_step, 'wall_s_this_run': round(time.time() - started, 1)}
@@ -327,8 +340,8 @@ def format_transfer_table(results: dict) -> str:
     for key, label in ROWS:
         if key in results:
             r = results[key]
-            lines.append(f"{label:<30}{r['miou_seen']:>9.2f}{r['miou_unseen']:>9.2f}{r['hiou']:>8.2f}"
-                         f"{r['miou']:>8.2f}")
+            lines.append(f"{row_label(key, label, results):<30}{r['miou_seen']:>9.2f}{r['miou_unseen']:>9.2f}"
+                         f"{r['hiou']:>8.2f}{r['miou']:>8.2f}")
     return '\n'.join(lines)
 
 
@@ -340,8 +353,17 @@ def seed_report(run_dirs: list[str]) -> str:
         path = os.path.join(d, 'results.json')
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{path}: no results (has pgseg-transfer finished in {d}?)')
-        with open(path) as f:
-            results.append(json.load(f))
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            r['final']['unseen_classes']
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f'{path}: not a results.json of pgseg-transfer ({exc!r})') from None
+        results.append(r)
+    plans = {(r['dataset'], r['split'], r['protocol'], tuple(r['final']['unseen_classes'])) for r in results}
+    if len(plans) > 1:
+        raise ValueError(f'the runs were evaluated on different data or splits, which a mean would mix: '
+                         f'{sorted(plans)}')
     metrics = (('miou_seen', 'mIoU(S)'), ('miou_unseen', 'mIoU(U)'), ('hiou', 'hIoU'), ('miou', 'mIoU'))
     first = results[0]['final']
     lines = [f"{results[0]['dataset']} {results[0]['split']}, {first['num_images']} images, protocol "
@@ -356,7 +378,7 @@ def seed_report(run_dirs: list[str]) -> str:
         for m, _ in metrics:
             values = [r[m] for r in rows]
             cells.append(f"{sum(values) / len(values):.2f} ({', '.join(f'{v:.1f}' for v in values)})")
-        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+        lines.append(f'| {row_label(key, label, results[0])} | ' + ' | '.join(cells) + ' |')
     lines.append('')
     for d, r in zip(run_dirs, results):
         lines.append(f"- {d}: {r['steps']} steps, phase 1 until step {r['self_train_from']}, {r['precision']}; "

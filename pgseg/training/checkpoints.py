@@ -115,9 +115,9 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
         shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
 
 
-# a temporary that an atomic write leaves when its process dies mid-write (checkpoint.format.write_dir_atomically,
-# mvpseg.prompt_file.save_prompts)
-_TEMPORARY = re.compile(r'^\.(ckpt-[^/]*\.(tmp|old)-.+|prompts-.+\.tmp)$')
+# a temporary that an atomic write leaves when its process dies mid-write: checkpoint.format.write_dir_atomically's
+# folders, write_file_atomically's files (.<name>.<8 random characters>.tmp) and the older prompts writer's
+_TEMPORARY = re.compile(r'^\.(ckpt-[^/]*\.(tmp|old)-.+|.+\.[a-z0-9_]{8}\.tmp|prompts-.+\.tmp)$')
 LOCK_NAME = '.pgseg-run.lock'
 
 
