@@ -72,7 +72,7 @@ def test_a_run_without_metrics_is_one_empty_panel(tmp_path):
 
 def test_the_noun_losses_start_step_comes_from_the_model_config():
     cfg = load_config('demo_cpu').model
-    assert noun_losses_start(cfg) == 300
+    assert noun_losses_start(cfg) == 200
     cfg.noun_losses_start_step = 0
     assert noun_losses_start(cfg) is None  # from the first step: nothing to mark
     cfg.noun_losses_start_step, cfg.grounding_weight, cfg.group_word_weight = 300, 0.0, 0.0
