@@ -171,13 +171,17 @@ def _main_prompts(args) -> int:
             m = mvpseg.evaluate_seen_unseen(backbone, learner, ds, unseen, settings, device, dtype, args.limit)
             if is_main_process():
                 print('\n' + format_table(m, f'{name} ({m["num_images"]} images), learned prompts {args.prompts}'))
-                print(f"{'mIoU(S)':<24}{m['miou_seen']:>8.2f}\n{'mIoU(U)':<24}{m['miou_unseen']:>8.2f}\n"
-                      f"{'hIoU':<24}{m['hiou']:>8.2f}   (unseen: {', '.join(m['unseen_classes'])})")
+                print(_seen_unseen_lines(m))
             results['results'].append(m)
         if is_main_process():
             print(f'\nwrote {_write_results(args.out, results)}')
 
     return run_command('pgseg-eval', body, (LayoutError, CheckpointError, ValueError, FileNotFoundError))
+
+
+def _seen_unseen_lines(m: dict) -> str:
+    return (f"{'mIoU(S)':<24}{m['miou_seen']:>8.2f}\n{'mIoU(U)':<24}{m['miou_unseen']:>8.2f}\n"
+            f"{'hIoU':<24}{m['hiou']:>8.2f}   (unseen: {', '.join(m['unseen_classes'])})")
 
 
 def _main_student(args) -> int:
@@ -201,8 +205,7 @@ def _main_student(args) -> int:
                 ds, unseen, args.limit)
             if is_main_process():
                 print('\n' + format_table(m, f'{name} ({m["num_images"]} images), student {args.student}'))
-                print(f"{'mIoU(S)':<24}{m['miou_seen']:>8.2f}\n{'mIoU(U)':<24}{m['miou_unseen']:>8.2f}\n"
-                      f"{'hIoU':<24}{m['hiou']:>8.2f}   (unseen: {', '.join(m['unseen_classes'])})")
+                print(_seen_unseen_lines(m))
             results['results'].append(m)
         if is_main_process():
             print(f'\nwrote {_write_results(args.out, results)}')

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..eval.datasets import SegmentationDataset
 
 __all__ = ['IGNORE', 'UNLABELLED', 'seen_only_labels', 'suppressed_unseen_labels', 'photometric_distortion',
-           'CropDataset', 'EpochBatchSampler']
+           'CropDataset', 'EpochBatchSampler', 'crop_loader']
 
 IGNORE = 255  # no loss
 UNLABELLED = -1  # a pixel of an unseen class with its label suppressed: it takes a pseudo-label
@@ -161,3 +161,14 @@ class EpochBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+
+def crop_loader(dataset: CropDataset, batch_size: int, rank: int, world: int, seed: int, step: int,
+                num_workers: int, device: torch.device) -> DataLoader:
+    """The trainers' loader: :class:`EpochBatchSampler` batches starting where ``step`` steps left off, with a
+    generator of its own (iterating the loader must not draw from the global RNG, which a resume restores)."""
+    per_epoch = EpochBatchSampler(len(dataset), batch_size, rank, world).batches_per_epoch
+    sampler = EpochBatchSampler(len(dataset), batch_size, rank, world, seed,
+                                start_epoch=step // per_epoch, start_batch=step % per_epoch)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == 'cuda',
+                      prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(seed))

@@ -17,10 +17,8 @@ import os
 import shutil
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..checkpoint.format import read_checkpoint_file, read_train_state
-from ..config import config_to_dict, config_to_yaml
 from ..eval.datasets import build_dataset
 from ..eval.templates import get_templates
 from ..runtime.distributed import (
@@ -38,14 +36,13 @@ from ..training.checkpoints import (
     load_resume_point,
     restore_rank,
 )
-from ..training.logger import MetricsLogger
-from ..training.loop import Harness, LoopSettings, write_run_files
+from ..training.loop import Harness, LoopSettings, start_run_record
 from ..training.optim import build_scheduler
 from ..training.state import RunState
 from ..training.step import autocast_for
 from .backbones import build_backbone
 from .config import PromptTrainConfig
-from .data import CropDataset, EpochBatchSampler, seen_only_labels
+from .data import CropDataset, crop_loader, seen_only_labels
 from .inference import SlideSettings, evaluate_seen_unseen
 from .learner import MultiViewPrompts, TemplateClassifier, presence_loss, segmentation_loss
 from .prompt_file import save_prompts
@@ -112,19 +109,10 @@ def _run(cfg: PromptTrainConfig, device: torch.device, precision: str, run_dir: 
 
     dataset = CropDataset(train_set, seen_only_labels(seen), cfg.data.crop_size, cfg.data.base_size,
                           cfg.data.scale_range, seed=cfg.train.seed)
-    per_epoch = EpochBatchSampler(len(train_set), cfg.data.batch_size, rank, world).batches_per_epoch
-    sampler = EpochBatchSampler(len(train_set), cfg.data.batch_size, rank, world, cfg.train.seed,
-                                start_epoch=state.step // per_epoch, start_batch=state.step % per_epoch)
-    # a generator of its own: iterating the loader must not draw from the global RNG, which a resume restores
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=device.type == 'cuda', prefetch_factor=4 if cfg.data.num_workers else None,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    loader = crop_loader(dataset, cfg.data.batch_size, rank, world, cfg.train.seed, state.step, cfg.data.num_workers,
+                         device)
     # the run's record is written once the run is known to start: a failed start leaves an existing run's alone
-    write_run_files(run_dir, config_to_yaml(cfg), precision)
-    logger = MetricsLogger(run_dir, enabled=is_main_process(), wandb_mode=cfg.log.wandb_mode,
-                           project=cfg.log.wandb_project, name=cfg.log.wandb_name, tags=cfg.log.wandb_tags,
-                           config=json.loads(json.dumps(config_to_dict(cfg))), resume_id=state.wandb_id)
-    state.wandb_id = logger.wandb_id or state.wandb_id
+    logger = start_run_record(run_dir, cfg, precision, state)
     if is_main_process():
         log.info('%d seen / %d unseen classes of %s (%s); %d training images, %d steps, %d trainable values, '
                  'backbone %s, world %d', len(seen), len(unseen), cfg.data.dataset, cfg.data.protocol, len(train_set),

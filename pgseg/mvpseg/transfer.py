@@ -23,21 +23,18 @@ import torch
 import torch.nn.functional as F
 from timm.scheduler import PolyLRScheduler
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from ..checkpoint.format import read_checkpoint_file, read_train_state, write_file_atomically
-from ..config import config_to_dict, config_to_yaml
 from ..eval.datasets import build_dataset
 from ..eval.templates import get_templates
 from ..runtime.distributed import all_ranks_true, barrier, get_rank, get_world_size, init_distributed, is_main_process
 from ..runtime.precision import resolve_precision
 from ..training.checkpoints import CheckpointWriter, claim_run_directory, load_resume_point, restore_rank
-from ..training.logger import MetricsLogger
-from ..training.loop import Harness, LoopSettings, write_run_files
+from ..training.loop import Harness, LoopSettings, start_run_record
 from ..training.state import RunState
 from ..training.step import autocast_for
 from .config import TransferConfig
-from .data import IGNORE, UNLABELLED, CropDataset, EpochBatchSampler, suppressed_unseen_labels
+from .data import IGNORE, UNLABELLED, CropDataset, crop_loader, suppressed_unseen_labels
 from .inference import SlideSettings, evaluate_predictions, evaluate_seen_unseen, predict_student
 from .learner import TemplateClassifier
 from .prompt_file import load_prompt_classifier
@@ -135,18 +132,9 @@ def _run(cfg: TransferConfig, device: torch.device, precision: str, run_dir: str
     dataset = CropDataset(train_set, suppressed_unseen_labels(unseen), cfg.data.crop_size, cfg.data.base_size,
                           cfg.data.scale_range, seed=cfg.train.seed, cat_max_ratio=cfg.data.cat_max_ratio,
                           photometric=cfg.data.photometric)
-    per_epoch = EpochBatchSampler(len(train_set), cfg.data.batch_size, rank, world).batches_per_epoch
-    sampler = EpochBatchSampler(len(train_set), cfg.data.batch_size, rank, world, cfg.train.seed,
-                                start_epoch=state.step // per_epoch, start_batch=state.step % per_epoch)
-    # a generator of its own: iterating the loader must not draw from the global RNG, which a resume restores
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=device.type == 'cuda', prefetch_factor=4 if cfg.data.num_workers else None,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
-    write_run_files(run_dir, config_to_yaml(cfg), precision)
-    logger = MetricsLogger(run_dir, enabled=is_main_process(), wandb_mode=cfg.log.wandb_mode,
-                           project=cfg.log.wandb_project, name=cfg.log.wandb_name, tags=cfg.log.wandb_tags,
-                           config=json.loads(json.dumps(config_to_dict(cfg))), resume_id=state.wandb_id)
-    state.wandb_id = logger.wandb_id or state.wandb_id
+    loader = crop_loader(dataset, cfg.data.batch_size, rank, world, cfg.train.seed, state.step, cfg.data.num_workers,
+                         device)
+    logger = start_run_record(run_dir, cfg, precision, state)
     if is_main_process():
         log.info('%d seen / %d unseen classes of %s (%s), every one of %d training images (unseen labels '
                  'suppressed); student %s-%s, %.1fM trainable values; teacher %s (GPR %s); %d steps, self-training '

@@ -34,7 +34,7 @@ from .state import RunState
 
 log = logging.getLogger('pgseg.train')
 
-__all__ = ['LoopSettings', 'Harness', 'environment_info', 'write_run_files']
+__all__ = ['LoopSettings', 'Harness', 'environment_info', 'write_run_files', 'start_run_record']
 
 
 @dataclass
@@ -74,6 +74,18 @@ def write_run_files(run_dir: str, config_yaml: str, precision: str) -> None:
         f.write(config_yaml)
     with open(os.path.join(run_dir, 'env.json'), 'w') as f:
         json.dump({**environment_info(), 'precision': precision}, f, indent=1)
+
+
+def start_run_record(run_dir: str, cfg, precision: str, state: RunState) -> MetricsLogger:
+    """The MVP-SEG trainers' start of a run: :func:`write_run_files` (once the run is known to start, so a failed
+    start leaves an existing run's record alone) and the metrics logger, resuming the run's wandb id."""
+    from ..config import config_to_dict, config_to_yaml
+    write_run_files(run_dir, config_to_yaml(cfg), precision)
+    logger = MetricsLogger(run_dir, enabled=is_main_process(), wandb_mode=cfg.log.wandb_mode,
+                           project=cfg.log.wandb_project, name=cfg.log.wandb_name, tags=cfg.log.wandb_tags,
+                           config=json.loads(json.dumps(config_to_dict(cfg))), resume_id=state.wandb_id)
+    state.wandb_id = logger.wandb_id or state.wandb_id
+    return logger
 
 
 class Harness:
