@@ -34,9 +34,11 @@ bench: install
 clean-venv:
 	rm -rf $(VENV)
 
-# The CPU demo: synthetic data, training under torchrun (2 processes) within 14 minutes, zero-shot evaluation.
+# The CPU demo: synthetic data, 936 training steps under torchrun (2 processes), zero-shot evaluation.
+# DEMO_ARGS passes options and training overrides: make demo DEMO_ARGS="train.precision=fp32 train.seed=1"
+DEMO_ARGS ?=
 demo: install
-	$(VENV)/bin/pgseg-demo --out runs/demo --data data/demo
+	$(VENV)/bin/pgseg-demo --out runs/demo --data data/demo $(DEMO_ARGS)
 
 # MVP-SEG on synthetic shapes: prompts learned on 6 seen classes of the frozen demo model (run `make demo` first),
 # compared with hand-written templates over all 8 classes (seen and unseen) on held-out images.

@@ -5,7 +5,8 @@
     python scripts/benchmark.py train [--batch 64]        # one training step of the paper-sized model, fp32 and bf16
     python scripts/benchmark.py eval [--images 4]         # zero-shot segmentation, one pass vs --two-pass per crop
     python scripts/benchmark.py data [--shards PATTERN]   # decode + augmentation of 512-pixel JPEG shards
-    python scripts/benchmark.py all                       # the four, in that order
+    python scripts/benchmark.py all                       # the four at the targets' settings, then the targets
+    python scripts/benchmark.py targets [--baseline F]    # the targets' figures from the JSON files of the modes
 
 ``peak``: large square matrix products (best of the sizes tried) and a large tensor copy (bytes read + written).
 The ceiling is bf16's where the device has native bf16 and fp32's where bf16 is emulated (an AVX2 CPU, where a bf16
@@ -71,9 +72,27 @@ def _timed(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def cpu_class(flags: set[str] | None = None) -> str:
+    """The CPU's class for bf16 as the targets tell them apart: 'AMX' (matrix tiles), 'AVX-512 BF16', 'AVX-512'
+    (bf16 converted on the fly), 'AVX2' (bf16 emulated) or 'unknown'; from /proc/cpuinfo's flags unless given."""
+    if flags is None:
+        try:
+            with open('/proc/cpuinfo') as f:
+                line = next((l for l in f if l.startswith('flags')), '')
+        except OSError:
+            line = ''
+        flags = set(line.partition(':')[2].split())
+    for name, flag in (('AMX', 'amx_bf16'), ('AVX-512 BF16', 'avx512_bf16'), ('AVX-512', 'avx512f'),
+                       ('AVX2', 'avx2')):
+        if flag in flags:
+            return name
+    return 'unknown'
+
+
 def machine_info(device: torch.device) -> dict:
     info = {'machine': platform.machine(), 'processor': platform.processor(), 'cpu_count': os.cpu_count(),
-            'threads': torch.get_num_threads(), 'torch': torch.__version__, 'device': str(device)}
+            'cpu_class': cpu_class(), 'threads': torch.get_num_threads(), 'torch': torch.__version__,
+            'device': str(device)}
     if device.type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name()
     return info
@@ -312,6 +331,12 @@ def measure_train_step(args) -> dict:
         profile = profile_families(prof, args.profile)
         profile['wall_s_per_step_profiled'] = (time.perf_counter() - t0) / args.profile
 
+    # the peak of the timed and profiled steps; the FLOP count's step below runs the matmul attention kernel, which
+    # holds every attention matrix, and would raise it for runs timed with the fused kernel
+    if device.type == 'cuda':
+        peak_mb, peak_kind = torch.cuda.max_memory_allocated() / 2**20, 'cuda max_memory_allocated'
+    else:
+        peak_mb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'process peak RSS'
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     # the model's FLOPs whichever kernel the timed steps ran: under the matmul kernel attention's products reach the
@@ -321,10 +346,6 @@ def measure_train_step(args) -> dict:
         step()
     cfg.attention = attention
     flops = counter.get_total_flops()
-    if device.type == 'cuda':
-        peak_mb, peak_kind = torch.cuda.max_memory_allocated() / 2**20, 'cuda max_memory_allocated'
-    else:
-        peak_mb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'process peak RSS'
     result = {
         'precision': args.precision, 'batch': args.batch, 'device': str(device), 'world_size': get_world_size(),
         'npr_variant': cfg.npr.variant, 'grad_checkpointing': args.grad_checkpointing, 'compile': args.compile,
@@ -365,12 +386,13 @@ def mode_train(args, peak: dict | None = None) -> dict:
                   f"--precisions fp32 bf16 runs it anyway")
     results = []
     compiled = {'off': (False,), 'on': (True,), 'both': (False, True)}[args.compile]
-    for precision, compile_ in ((p, c) for p in precisions for c in compiled):
+    checkpointed = {'off': (False,), 'on': (True,), 'both': (False, True)}[args.grad_checkpointing]
+    for precision, compile_, ckpt in ((p, c, g) for p in precisions for c in compiled for g in checkpointed):
         cmd = [__file__, '_step', '--config', args.config, '--batch', str(args.batch), '--steps', str(args.steps),
                '--warmup', str(args.warmup), '--warmup-extra', str(args.warmup_extra), '--precision', precision,
                '--device', args.device, '--malloc', args.malloc]
         cmd += (['--npr-variant', args.npr_variant] if args.npr_variant else [])
-        cmd += (['--grad-checkpointing'] if args.grad_checkpointing else []) + (['--compile'] if compile_ else [])
+        cmd += (['--grad-checkpointing'] if ckpt else []) + (['--compile'] if compile_ else [])
         cmd += ['--full-context'] if args.full_context else []
         cmd += ['--attention', args.attention] if args.attention else []
         cmd += ['--profile', str(args.profile)] if args.profile else []
@@ -389,7 +411,7 @@ def mode_train(args, peak: dict | None = None) -> dict:
     first = results[0]
     print(f"\ntrain: {os.path.basename(args.config)}, {first['params']:,} parameters, batch {args.batch} per process x "
           f"{first['world_size']}, NPR {first['npr_variant']}, activation checkpointing "
-          f"{'on' if args.grad_checkpointing else 'off'}, attention {first['attention']}, torch.compile "
+          f"{args.grad_checkpointing}, attention {first['attention']}, torch.compile "
           f"{args.compile}, {first['threads']} threads, "
           f"torch {torch.__version__}\n"
           f"captions of {first['text_tokens']} tokens ({'full context' if args.full_context else 'padding trimmed'})")
@@ -398,7 +420,7 @@ def mode_train(args, peak: dict | None = None) -> dict:
           f"{peak['matmul_gflops']['fp32']:.0f} / {after['matmul_gflops']['fp32']:.0f} GFLOP/s; fractions of the "
           f"{kind} ceiling, {ceiling:.0f}; "
           f"{first['flops_per_step'] / 1e9:.1f} GFLOP per step; CPU malloc: {args.malloc}\n")
-    head = (f"{'precision':<14}{'step s':>8}{'img/s':>8}{'GFLOP/s':>9}{'of ' + kind:>9}{'NPR':>7}{'EM fwd':>8}"
+    head = (f"{'precision':<19}{'step s':>8}{'img/s':>8}{'GFLOP/s':>9}{'of ' + kind:>9}{'NPR':>7}{'EM fwd':>8}"
             f"{'gather':>8}{'peak MB':>9}")
     print(head)
     print('-' * len(head))
@@ -407,21 +429,33 @@ def mode_train(args, peak: dict | None = None) -> dict:
 
     for r in results:
         r['fraction_of_ceiling'], r['ceiling_precision'] = r['achieved_gflops'] / ceiling, kind
-        print(f"{_label(r):<14}{r['step_s_median']:>8.3f}{r['images_per_s']:>8.2f}{r['achieved_gflops']:>9.1f}"
+        print(f"{_label(r):<19}{r['step_s_median']:>8.3f}{r['images_per_s']:>8.2f}{r['achieved_gflops']:>9.1f}"
               f"{100 * r['fraction_of_ceiling']:>8.1f}%{share(r['npr_share']):>7}{share(r['em_forward_share']):>8}"
               f"{share(r['gather_share']):>8}{r['peak_memory_mb']:>9.0f}")
-    by = {(r['precision'], r['compile']): r for r in results}
+    by = {(r['precision'], r['compile'], r['grad_checkpointing']): r for r in results}
+    g0 = checkpointed[0]  # the comparisons below are of runs without activation checkpointing where they ran
     speedup = None
     for c in compiled:
-        if ('fp32', c) in by and ('bf16', c) in by:
-            ratio = by[('fp32', c)]['step_s_median'] / by[('bf16', c)]['step_s_median']
+        if ('fp32', c, g0) in by and ('bf16', c, g0) in by:
+            ratio = by[('fp32', c, g0)]['step_s_median'] / by[('bf16', c, g0)]['step_s_median']
             speedup = speedup or ratio  # the JSON's bf16_speedup: eager where eager ran
             print(f"\nbf16 / fp32 speed-up{' (compiled)' if c else ''}: {ratio:.2f}x")
-    compile_speedups = {p: by[(p, False)]['step_s_median'] / by[(p, True)]['step_s_median']
-                        for p in precisions if (p, False) in by and (p, True) in by}
+    compile_speedups = {p: by[(p, False, g0)]['step_s_median'] / by[(p, True, g0)]['step_s_median']
+                        for p in precisions if (p, False, g0) in by and (p, True, g0) in by}
     for p, ratio in compile_speedups.items():
         print(f"torch.compile, {p}: {ratio:.2f}x eager (compilation and first step: "
-              f"{by[(p, True)]['warmup_step_s'][0]:.0f} s, against {by[(p, False)]['warmup_step_s'][0]:.0f} s eager)")
+              f"{by[(p, True, g0)]['warmup_step_s'][0]:.0f} s, against {by[(p, False, g0)]['warmup_step_s'][0]:.0f} s "
+              'eager)')
+    c0 = compiled[0]
+    checkpointing = {}  # activation checkpointing against none, per precision: peak memory and step time ratios
+    for p in precisions:
+        if (p, c0, False) in by and (p, c0, True) in by:
+            on, off = by[(p, c0, True)], by[(p, c0, False)]
+            checkpointing[p] = {'peak_memory_ratio': on['peak_memory_mb'] / off['peak_memory_mb'],
+                                'step_time_ratio': on['step_s_median'] / off['step_s_median']}
+    for p, e in checkpointing.items():
+        print(f"activation checkpointing, {p}: peak memory {100 * (e['peak_memory_ratio'] - 1):+.0f}%, step time "
+              f"{100 * (e['step_time_ratio'] - 1):+.0f}%")
     if args.compile != 'off':
         print('  (compiled steps are timed whole: NPR, EM and gather shares are measured eager only)')
     print(f'of the ceiling probed beside each step (a {kind} matmul right after it; the median of the steps\' '
@@ -442,11 +476,12 @@ def mode_train(args, peak: dict | None = None) -> dict:
     return {'mode': 'train', **machine_info(device), 'peak': peak, 'peak_after': after,
             'ceiling_precision': kind, 'ceiling_gflops': ceiling,
             'malloc': args.malloc, 'config': args.config, 'results': results,
-            'bf16_speedup': speedup, 'compile_speedups': compile_speedups}
+            'bf16_speedup': speedup, 'compile_speedups': compile_speedups, 'checkpointing': checkpointing}
 
 
 def _label(result: dict) -> str:
-    return result['precision'] + (' compiled' if result['compile'] else '')
+    return (result['precision'] + (' compiled' if result['compile'] else '')
+            + (' ckpt' if result['grad_checkpointing'] else ''))
 
 
 # ---------------------------------------------------------------------------------------------------------- eval
@@ -472,13 +507,15 @@ def mode_eval(args) -> dict:
     from pgseg.eval.inference import predict_labels, window_slices
     from pgseg.eval.protocols import get_protocol
     from pgseg.eval.templates import get_templates
+    from pgseg.runtime.precision import native_bf16, resolve_precision
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = pgseg.build_model(pgseg.load_config(args.config).model).to(device).eval()
-    from pgseg.runtime.precision import resolve_precision
-    precision = resolve_precision(args.precision, device, '--precision', gpu_fallback='fp32')
-    dtype = torch.bfloat16 if precision == 'bf16' else None
+    if args.precision == 'both':  # fp32, and bf16 where it is native (emulated, it would take hours)
+        precisions = ['fp32', 'bf16'] if native_bf16(device) else ['fp32']
+    else:
+        precisions = [resolve_precision(args.precision, device, '--precision', gpu_fallback='fp32')]
     protocol = get_protocol('pgseg')
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (375, 500, 3), dtype=np.uint8) for _ in range(args.images)]
@@ -487,39 +524,45 @@ def mode_eval(args) -> dict:
     crops_per_image = len(window_slices(h, protocol.crop_size, protocol.stride)) * \
         len(window_slices(w, protocol.crop_size, protocol.stride))
     templates = get_templates('full')
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        _sync(device)
-        t0 = time.perf_counter()
-        class_embeds = model.class_embeddings(list(COCO_STUFF), templates).to(device)
-        _sync(device)
-        text_s = time.perf_counter() - t0
-    voc_embeds = class_embeds[:20]
     kinds = {'one_pass': model, 'two_pass': TwoPass(model)}
     names = ['one_pass', 'two_pass'] if args.two_pass in ('compare', 'on') else ['one_pass']
-    for name in names:
-        predict_labels(kinds[name], images[0], voc_embeds, 0.95, True, protocol, device, dtype)  # warm-up
-    seconds = dict.fromkeys(names, 0.0)
-    for i, img in enumerate(images):  # image by image, the order alternating, so that drift hits both alike
-        for name in (names if i % 2 == 0 else names[::-1]):
+    by_precision = {}
+    for precision in precisions:
+        dtype = torch.bfloat16 if precision == 'bf16' else None
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             _sync(device)
             t0 = time.perf_counter()
-            predict_labels(kinds[name], img, voc_embeds, 0.95, True, protocol, device, dtype)
+            class_embeds = model.class_embeddings(list(COCO_STUFF), templates).to(device)
             _sync(device)
-            seconds[name] += time.perf_counter() - t0
-    results = {name: {'seconds': s, 'images_per_s': len(images) / s, 'crops_per_s': len(images) * crops_per_image / s}
-               for name, s in seconds.items()}
+            text_s = time.perf_counter() - t0
+        voc_embeds = class_embeds[:20]
+        for name in names:
+            predict_labels(kinds[name], images[0], voc_embeds, 0.95, True, protocol, device, dtype)  # warm-up
+        seconds = dict.fromkeys(names, 0.0)
+        for i, img in enumerate(images):  # image by image, the order alternating, so that drift hits both alike
+            for name in (names if i % 2 == 0 else names[::-1]):
+                _sync(device)
+                t0 = time.perf_counter()
+                predict_labels(kinds[name], img, voc_embeds, 0.95, True, protocol, device, dtype)
+                _sync(device)
+                seconds[name] += time.perf_counter() - t0
+        results = {name: {'seconds': s, 'images_per_s': len(images) / s,
+                          'crops_per_s': len(images) * crops_per_image / s} for name, s in seconds.items()}
+        ratio = (results['one_pass']['crops_per_s'] / results['two_pass']['crops_per_s']
+                 if 'two_pass' in results else None)
+        by_precision[precision] = {'results': results, 'one_vs_two_pass': ratio, 'text_embedding_s': text_s}
     print(f"\neval: {os.path.basename(args.config)}, protocol {protocol.describe()}, {len(images)} images of 500x375 "
-          f"({crops_per_image} crops each at short side {protocol.short_side}), {precision}\n")
-    print(f"{'':<12}{'crops/s':>10}{'images/s':>10}")
-    for name, r in results.items():
-        print(f"{name:<12}{r['crops_per_s']:>10.3f}{r['images_per_s']:>10.3f}")
-    ratio = results['one_pass']['crops_per_s'] / results['two_pass']['crops_per_s'] if 'two_pass' in results else None
-    if ratio:
-        print(f'\none pass / two passes: {ratio:.2f}x')
-    print(f'text embeddings, {len(COCO_STUFF)} classes x {len(templates)} templates: {text_s:.2f} s')
-    return {'mode': 'eval', **machine_info(device), 'config': args.config, 'precision': precision,
-            'protocol': protocol.describe(), 'num_images': len(images), 'crops_per_image': crops_per_image,
-            'results': results, 'one_vs_two_pass': ratio, 'text_embedding_s': text_s,
+          f"({crops_per_image} crops each at short side {protocol.short_side})\n")
+    print(f"{'':<18}{'crops/s':>10}{'images/s':>10}{'one / two passes':>18}{'text s':>8}")
+    for precision, r in by_precision.items():
+        for name, t in r['results'].items():
+            ratio = f"{r['one_vs_two_pass']:.2f}x" if name == 'one_pass' and r['one_vs_two_pass'] else ''
+            text = f"{r['text_embedding_s']:.2f}" if name == 'one_pass' else ''
+            print(f"{precision + ' ' + name:<18}{t['crops_per_s']:>10.3f}{t['images_per_s']:>10.3f}{ratio:>18}"
+                  f"{text:>8}")
+    print(f'(text s: the text embeddings of {len(COCO_STUFF)} classes x {len(templates)} templates)')
+    return {'mode': 'eval', **machine_info(device), 'config': args.config, 'protocol': protocol.describe(),
+            'num_images': len(images), 'crops_per_image': crops_per_image, 'by_precision': by_precision,
             'text_prompts': len(COCO_STUFF) * len(templates)}
 
 
@@ -693,6 +736,108 @@ def mode_data(args) -> dict:
             'resize_rates': resize_rates, 'first_batch_s': first_batch_s}
 
 
+# ---------------------------------------------------------------------------------------------------------- targets
+# The performance targets (docs/performance.md#targets): the bf16 step's fraction of the bf16 ceiling by CPU class,
+# the fp32 step's of the fp32 ceiling, one encoder pass per crop against two, the data worker against the released
+# transform.
+BF16_TARGET = {'AMX': 0.40, 'AVX-512 BF16': 0.60, 'AVX-512': 0.60}
+FP32_TARGET = 0.75
+ONE_PASS_TARGET = 1.8
+DATA_TARGET = 1.5
+
+
+def target_rows(peak: dict | None, train: dict | None, eval_: dict | None, data: dict | None,
+                baseline: dict | None = None) -> list[dict]:
+    """The targets' figures from the modes' results (any may be None: its rows are left out). Each row: ``target``,
+    ``figure`` (text), ``value``, ``goal`` and ``met`` (None where the target has no threshold on this machine).
+    ``baseline``: an earlier ``train`` result whose peak memory the run must not exceed."""
+    rows = []
+
+    def row(target, figure, value=None, goal=None, higher=True):
+        met = None if goal is None or value is None else (value >= goal if higher else value <= goal)
+        rows.append({'target': target, 'figure': figure, 'value': value, 'goal': goal, 'met': met})
+
+    if train:
+        cls = train.get('cpu_class', 'unknown') if train['results'][0]['device'] == 'cpu' else 'GPU'
+        fp32_ceiling = max(train['peak']['matmul_gflops']['fp32'], train['peak_after']['matmul_gflops']['fp32'])
+        for r in train['results']:
+            if r['grad_checkpointing']:
+                continue
+            label = _label(r)
+            if r['precision'] == 'bf16' and train['ceiling_precision'] == 'bf16':
+                row(f'bf16 step, fraction of the bf16 ceiling ({cls})' + (' compiled' if r['compile'] else ''),
+                    f"{100 * r['fraction_of_ceiling']:.1f}% of {train['ceiling_gflops']:.0f} GFLOP/s "
+                    f"({100 * r['fraction_of_ceiling_beside']:.1f}% of the probes beside the steps), "
+                    f"{r['step_s_median']:.3f} s per step of {r['batch']}", r['fraction_of_ceiling'],
+                    BF16_TARGET.get(cls))
+            elif r['precision'] == 'fp32':
+                fraction = r['achieved_gflops'] / fp32_ceiling
+                row('fp32 step, fraction of the fp32 ceiling' + (' compiled' if r['compile'] else ''),
+                    f"{100 * fraction:.1f}% of {fp32_ceiling:.0f} GFLOP/s, {r['step_s_median']:.3f} s per step of "
+                    f"{r['batch']}", fraction, FP32_TARGET)
+            old = next((b for b in (baseline or {}).get('results', []) if _label(b) == label
+                        and b['batch'] == r['batch']), None)
+            row(f'peak memory, {label}, batch {r["batch"]}',
+                f"{r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})"
+                + (f", baseline {old['peak_memory_mb']:.0f} MB" if old else ''),
+                r['peak_memory_mb'], old['peak_memory_mb'] if old else None, higher=False)
+        for p, e in train.get('checkpointing', {}).items():
+            row(f'activation checkpointing, {p}', f"peak memory {100 * (e['peak_memory_ratio'] - 1):+.0f}%, step "
+                f"time {100 * (e['step_time_ratio'] - 1):+.0f}%")
+        for p, ratio in train.get('compile_speedups', {}).items():
+            row(f'torch.compile, {p}', f'{ratio:.2f}x eager ({"wins" if ratio > 1.05 else "does not win"})', ratio)
+    if eval_:
+        for p, r in eval_['by_precision'].items():
+            one = r['results']['one_pass']['crops_per_s']
+            ratio = r['one_vs_two_pass']
+            row(f'evaluation, {p}, one encoder pass per crop',
+                f'{one:.2f} crops/s' + (f', {ratio:.2f}x two passes' if ratio else ''), ratio,
+                ONE_PASS_TARGET if ratio else None)
+    if data:
+        row('data worker (official_pgseg with draft) against the released transform',
+            f"{data['rates']['official_pgseg_draft']:.1f} against {data['rates']['released']:.1f} img/s: "
+            f"{data['vs_released']:.2f}x", data['vs_released'], DATA_TARGET)
+    if peak and not rows:
+        row('ceilings', f"bf16 {peak['matmul_gflops']['bf16']:.0f}, fp32 {peak['matmul_gflops']['fp32']:.0f} GFLOP/s")
+    return rows
+
+
+def print_targets(rows: list[dict], machine: str) -> None:
+    print(f'\ntargets ({machine}):\n')
+    width = max(len(r['target']) for r in rows) + 2
+    for r in rows:
+        goal = '' if r['goal'] is None else (f">= {r['goal']:.0%}" if r['goal'] < 1 and 'fraction' in r['target']
+                                             else f"{'>=' if 'memory' not in r['target'] else '<='} "
+                                                  f"{r['goal']:.4g}")
+        verdict = {True: 'met', False: 'NOT MET', None: ''}[r['met']]
+        print(f"{r['target']:<{width}}{r['figure']}" + (f'  [{goal}: {verdict}]' if goal else ''))
+
+
+def mode_targets(args) -> dict:
+    """The targets' figures from the JSON files the other modes wrote to ``--out-dir``."""
+    def load(mode):
+        path = os.path.join(args.out_dir, f'{mode}.json')
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    found = {m: load(m) for m in ('peak', 'train', 'eval', 'data')}
+    if not any(found.values()):
+        raise SystemExit(f'targets: no peak/train/eval/data JSON in {args.out_dir}: run the modes first')
+    baseline = None
+    if args.baseline:
+        with open(args.baseline) as f:
+            baseline = json.load(f)
+    rows = target_rows(found['peak'], found['train'], found['eval'], found['data'], baseline)
+    first = next(v for v in found.values() if v)
+    machine = f"{first.get('cpu_class', 'unknown')} CPU, {first['threads']} threads" if first['device'] == 'cpu' \
+        else first.get('gpu', first['device'])
+    print_targets(rows, machine)
+    return {'mode': 'targets', **machine_info(torch.device(first['device'])), 'rows': rows,
+            'from': {m: bool(v) for m, v in found.items()}}
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 def _write(result: dict, out_dir: str, mode: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
@@ -705,7 +850,7 @@ def _write(result: dict, out_dir: str, mode: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='mode', required=True)
-    modes = {m: sub.add_parser(m) for m in ('peak', 'train', 'eval', 'data', 'all')}
+    modes = {m: sub.add_parser(m) for m in ('peak', 'train', 'eval', 'data', 'all', 'targets')}
     modes['model'] = sub.add_parser('model', help='the former name of train')
     step = sub.add_parser('_step', help=argparse.SUPPRESS)
     for p in list(modes.values()) + [step]:
@@ -723,10 +868,13 @@ def main(argv=None) -> int:
                        help='CPU: up to this many more, until a step no longer grows the heap (fewer than 100 page '
                             'faults)')
         p.add_argument('--npr-variant', choices=['reference', 'paper'], default=None)
-        p.add_argument('--grad-checkpointing', action='store_true', help='activation checkpointing of every block')
         if p is step:
+            p.add_argument('--grad-checkpointing', action='store_true', help='activation checkpointing of every block')
             p.add_argument('--compile', action='store_true', help='torch.compile the model')
         else:
+            p.add_argument('--grad-checkpointing', nargs='?', const='on', default='off', choices=['off', 'on', 'both'],
+                           help='activation checkpointing of every block (--grad-checkpointing: on), or each '
+                                'precision with and without it side by side (both: the memory saved, the time paid)')
             p.add_argument('--compile', nargs='?', const='on', default='off', choices=['off', 'on', 'both'],
                            help='torch.compile the model (--compile: on), or time each precision eager and compiled '
                                 'side by side (both)')
@@ -744,8 +892,9 @@ def main(argv=None) -> int:
     step.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32')
     for p in (modes['eval'], modes['all']):
         p.add_argument('--images', type=int, default=10)
-        p.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default='auto',
-                       help='auto: bf16 where native, else fp32 (pgseg.runtime.precision)')
+        p.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'both'], default='both',
+                       help='both: fp32, and bf16 where it is native; auto: bf16 where native, else fp32 '
+                            '(pgseg.runtime.precision)')
         p.add_argument('--two-pass', choices=['compare', 'on', 'off'], default='compare',
                        help='also run the two-pass evaluation for the ratio (compare), or not (off)')
     modes['data'].add_argument('--images', type=int, default=96, help='images to time (synthetic, or the first of '
@@ -756,6 +905,12 @@ def main(argv=None) -> int:
         p.add_argument('--size', type=int, default=512, help="the synthetic JPEGs' side (img2dataset's image_size)")
     for p in (modes['data'], modes['all']):
         p.add_argument('--repeats', type=int, default=5)
+    for p in (modes['targets'], modes['all']):
+        p.add_argument('--baseline', default=None, help="an earlier train.json whose peak memory per precision (at the "
+                       'same batch) the run must not exceed')
+    # all: the targets' settings (docs/performance.md#targets): batch 32, the profile, activation checkpointing side by
+    # side
+    modes['all'].set_defaults(batch=32, profile=2, grad_checkpointing='both')
     args = parser.parse_args(argv)
     from pgseg.runtime.cpu_memory import ENV_VAR, configure_cpu_memory
     os.environ[ENV_VAR] = args.malloc  # also for the train mode's child processes
@@ -771,9 +926,11 @@ def main(argv=None) -> int:
         _write(mode_eval(args), args.out_dir, 'eval')
         args.images = 96
         _write(mode_data(args), args.out_dir, 'data')
+        _write(mode_targets(args), args.out_dir, 'targets')
         return 0
     mode = 'train' if args.mode == 'model' else args.mode
-    result = {'peak': mode_peak, 'train': mode_train, 'eval': mode_eval, 'data': mode_data}[mode](args)
+    result = {'peak': mode_peak, 'train': mode_train, 'eval': mode_eval, 'data': mode_data,
+              'targets': mode_targets}[mode](args)
     _write(result, args.out_dir, mode)
     return 0
 
