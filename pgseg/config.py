@@ -126,11 +126,13 @@ class ModelConfig:
     # and inference put the same kind of input through the head
     image_pooling: Literal['tokens', 'embeds'] = 'tokens'
     # attention kernels: 'math' = two batched matmuls and a softmax, the logits and softmax in float32 and the product
-    # with v in the autocast dtype (image tower, grouping blocks; SDPA's math backend for the text tower); 'fused' =
-    # PyTorch's fused choice (flash / memory-efficient / cuDNN); 'auto' = 'math' when training on the CPU under bf16
-    # autocast (the CPU flash kernel's backward is slow: docs/performance.md#attention-on-the-cpu), 'fused' otherwise
-    # (GPUs, and CPU inference)
-    attention: Literal['auto', 'math', 'fused'] = 'auto'
+    # with v in the autocast dtype (image tower, grouping blocks; SDPA's math backend for the text tower); 'shifted' =
+    # the same matmuls in the autocast dtype throughout, the logits computed around each row's maximum so that they
+    # keep float32-like precision where the softmax weighs them (models/attention.py); 'fused' = PyTorch's fused
+    # choice (flash / memory-efficient / cuDNN); 'auto' = 'shifted' when training on the CPU under bf16 autocast (the
+    # CPU flash kernel's backward is slow, float32 logits move four times the bytes:
+    # docs/performance.md#attention-on-the-cpu), 'fused' otherwise (GPUs, and CPU inference)
+    attention: Literal['auto', 'math', 'shifted', 'fused'] = 'auto'
 
 
 @dataclass

@@ -7,6 +7,7 @@
     python scripts/benchmark.py data [--shards PATTERN]   # decode + augmentation of 512-pixel JPEG shards
     python scripts/benchmark.py all                       # the four at the targets' settings, then the targets
     python scripts/benchmark.py targets [--baseline F]    # the targets' figures from the JSON files of the modes
+    python scripts/benchmark.py accuracy [--batch 8]      # a bf16 step per attention kernel against fp32
 
 ``peak``: large square matrix products (best of the sizes tried) and a large tensor copy (bytes read + written).
 The ceiling is bf16's where the device has native bf16 and fp32's where bf16 is emulated (an AVX2 CPU, where a bf16
@@ -25,6 +26,8 @@ the system's allocator defaults instead of pgseg's (``pgseg.runtime.cpu_memory``
 ``--two-pass`` (or ``compare``, the default) also runs the released code's two passes (one for the group maps, one
 for the embeddings) for the ratio, image by image with the order alternating; and the time to build text
 embeddings for 171 classes x 80 templates.
+``targets``: each target's figure from the JSON files the modes wrote (docs/performance.md#targets); ``accuracy``:
+one bf16 training step per attention kernel against the same step in fp32.
 ``data``: images/s per worker (one thread) of decode + augmentation to 224 (``official_pgseg`` crops, large crops
 only, the whole image) with and without JPEG draft decoding, each as a fraction of decoding alone; the decoder's
 limits (full size, draft, and 1/8 scale: the entropy decoding that no DCT-domain reduction removes, which bounds what
@@ -286,7 +289,13 @@ def measure_train_step(args) -> dict:
         # on the CPU the heap grows for a few steps until freed blocks fit every request (pgseg.runtime.cpu_memory);
         # memory touched for the first time is slow on some machines, so time the steps a long run sees: after the
         # growth
-        if i + 1 >= args.warmup and warmup_faults[-1] < 100:
+        # every rank must run the same number of steps (the losses gather across ranks): the most faults decides
+        faults_all = warmup_faults[-1]
+        if get_world_size() > 1:
+            flag = torch.tensor([faults_all], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            faults_all = int(flag)
+        if i + 1 >= args.warmup and faults_all < 100:
             break
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
@@ -341,10 +350,11 @@ def measure_train_step(args) -> dict:
     counter = FlopCounterMode(display=False)
     # the model's FLOPs whichever kernel the timed steps ran: under the matmul kernel attention's products reach the
     # counter (torch.utils.flop_counter has no formula for the CPU flash kernel and would count its attention as 0)
-    attention, cfg.attention = cfg.attention, 'math'
+    # (compiled steps keep their kernel: switching it would recompile the losses)
+    attention, model.attention = model.attention, (model.attention if args.compile else 'math')
     with counter:
         step()
-    cfg.attention = attention
+    model.attention = attention
     flops = counter.get_total_flops()
     result = {
         'precision': args.precision, 'batch': args.batch, 'device': str(device), 'world_size': get_world_size(),
@@ -387,14 +397,16 @@ def mode_train(args, peak: dict | None = None) -> dict:
     results = []
     compiled = {'off': (False,), 'on': (True,), 'both': (False, True)}[args.compile]
     checkpointed = {'off': (False,), 'on': (True,), 'both': (False, True)}[args.grad_checkpointing]
-    for precision, compile_, ckpt in ((p, c, g) for p in precisions for c in compiled for g in checkpointed):
+    kernels = args.attention or [None]  # None: the config's (auto)
+    for precision, compile_, ckpt, kernel in ((p, c, g, a) for p in precisions for c in compiled for g in checkpointed
+                                              for a in kernels):
         cmd = [__file__, '_step', '--config', args.config, '--batch', str(args.batch), '--steps', str(args.steps),
                '--warmup', str(args.warmup), '--warmup-extra', str(args.warmup_extra), '--precision', precision,
                '--device', args.device, '--malloc', args.malloc]
         cmd += (['--npr-variant', args.npr_variant] if args.npr_variant else [])
         cmd += (['--grad-checkpointing'] if ckpt else []) + (['--compile'] if compile_ else [])
         cmd += ['--full-context'] if args.full_context else []
-        cmd += ['--attention', args.attention] if args.attention else []
+        cmd += ['--attention', kernel] if kernel else []
         cmd += ['--profile', str(args.profile)] if args.profile else []
         if args.nproc > 1:
             cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(args.nproc)] + cmd
@@ -432,7 +444,8 @@ def mode_train(args, peak: dict | None = None) -> dict:
         print(f"{_label(r):<19}{r['step_s_median']:>8.3f}{r['images_per_s']:>8.2f}{r['achieved_gflops']:>9.1f}"
               f"{100 * r['fraction_of_ceiling']:>8.1f}%{share(r['npr_share']):>7}{share(r['em_forward_share']):>8}"
               f"{share(r['gather_share']):>8}{r['peak_memory_mb']:>9.0f}")
-    by = {(r['precision'], r['compile'], r['grad_checkpointing']): r for r in results}
+    by = {(r['precision'], r['compile'], r['grad_checkpointing']): r for r in results
+          if r['attention'] == results[0]['attention']}  # the comparisons below: of the first kernel
     g0 = checkpointed[0]  # the comparisons below are of runs without activation checkpointing where they ran
     speedup = None
     for c in compiled:
@@ -480,8 +493,13 @@ def mode_train(args, peak: dict | None = None) -> dict:
 
 
 def _label(result: dict) -> str:
-    return (result['precision'] + (' compiled' if result['compile'] else '')
-            + (' ckpt' if result['grad_checkpointing'] else ''))
+    return result['precision'] + _variant(result)
+
+
+def _variant(result: dict) -> str:
+    """What sets a step apart beside its precision: compiled, activation checkpointing, an attention kernel named."""
+    return ((' compiled' if result['compile'] else '') + (' ckpt' if result['grad_checkpointing'] else '')
+            + (f" {result['attention']}" if result.get('attention', 'auto') != 'auto' else ''))
 
 
 # ---------------------------------------------------------------------------------------------------------- eval
@@ -736,6 +754,65 @@ def mode_data(args) -> dict:
             'resize_rates': resize_rates, 'first_batch_s': first_batch_s}
 
 
+# ---------------------------------------------------------------------------------------------------------- accuracy
+def mode_accuracy(args) -> dict:
+    """One training step of the model in bf16 with each attention kernel against the same step in fp32: the same
+    weights, batch and random draws (Gumbel noise, drop paths). Each loss's difference, and the gradients' relative
+    error (over all parameters, and the median and 90th percentile over the parameter tensors) and cosine
+    similarity. The bound a faster bf16 path is held to: its deviation from fp32 against the float32-logit kernel's
+    and the flash kernel's (docs/performance.md#attention-on-the-cpu)."""
+    import pgseg
+    import pgseg.data.text
+    from pgseg.losses.objective import build_objective
+
+    device = torch.device(args.device)
+    cfg = pgseg.load_config(args.config).model
+    torch.manual_seed(0)
+    model = pgseg.build_model(cfg).to(device).train()
+    objective = build_objective(model)
+    size = cfg.image.img_size
+    images = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    captions = [f'a photo of {i} red circles and a blue square on the grass' for i in range(args.batch)]
+    tokens = pgseg.data.text.trim_padding(pgseg.tokenize(captions, cfg.text.context_length)).to(device)
+
+    def run(kernel: str, dtype):
+        model.attention = kernel
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same Gumbel noise and drop paths in every run
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            losses, _ = objective(images, tokens)
+        losses['loss'].backward()
+        grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return {k: float(v.detach()) for k, v in losses.items()}, grads
+
+    ref_losses, ref_grads = run('math', None)  # fp32: every kernel computes in float32 there
+    flat_ref = torch.cat([g.flatten() for g in ref_grads.values()])
+    kernels = args.kernels
+    rows = {}
+    for kernel in kernels:
+        losses, grads = run(kernel, torch.bfloat16)
+        flat = torch.cat([grads[n].flatten() for n in ref_grads])
+        per_tensor = [float((grads[n] - g).norm() / g.norm()) for n, g in ref_grads.items() if g.norm() > 0]
+        rows[kernel] = {
+            'loss_diff': {k: losses[k] - v for k, v in ref_losses.items()},
+            'grad_rel_error': float((flat - flat_ref).norm() / flat_ref.norm()),
+            'grad_cosine': float(torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0)),
+            'grad_rel_error_median_tensor': statistics.median(per_tensor),
+            'grad_rel_error_p90_tensor': float(np.percentile(per_tensor, 90)),
+        }
+    print(f"\naccuracy: {os.path.basename(args.config)}, batch {args.batch}, one training step in bf16 against fp32 "
+          f"(same weights, batch and random draws)\n")
+    print(f"{'bf16 kernel':<12}{'|d loss|':>10}{'grad rel err':>14}{'cosine':>10}{'median tensor':>15}"
+          f"{'p90 tensor':>12}")
+    for kernel, r in rows.items():
+        print(f"{kernel:<12}{abs(r['loss_diff']['loss']):>10.4f}{r['grad_rel_error']:>14.4f}{r['grad_cosine']:>10.5f}"
+              f"{r['grad_rel_error_median_tensor']:>15.4f}{r['grad_rel_error_p90_tensor']:>12.4f}")
+    print('per loss, bf16 minus fp32: ' + '; '.join(
+        f"{kernel}: " + ', '.join(f'{k} {v:+.4f}' for k, v in r['loss_diff'].items()) for kernel, r in rows.items()))
+    return {'mode': 'accuracy', **machine_info(device), 'config': args.config, 'batch': args.batch,
+            'fp32_losses': ref_losses, 'kernels': rows}
+
+
 # ---------------------------------------------------------------------------------------------------------- targets
 # The performance targets (docs/performance.md#targets): the bf16 step's fraction of the bf16 ceiling by CPU class,
 # the fp32 step's of the fp32 ceiling, one encoder pass per crop against two, the data worker against the released
@@ -765,14 +842,14 @@ def target_rows(peak: dict | None, train: dict | None, eval_: dict | None, data:
                 continue
             label = _label(r)
             if r['precision'] == 'bf16' and train['ceiling_precision'] == 'bf16':
-                row(f'bf16 step, fraction of the bf16 ceiling ({cls})' + (' compiled' if r['compile'] else ''),
+                row(f'bf16 step{_variant(r)}, fraction of the bf16 ceiling ({cls})',
                     f"{100 * r['fraction_of_ceiling']:.1f}% of {train['ceiling_gflops']:.0f} GFLOP/s "
                     f"({100 * r['fraction_of_ceiling_beside']:.1f}% of the probes beside the steps), "
                     f"{r['step_s_median']:.3f} s per step of {r['batch']}", r['fraction_of_ceiling'],
                     BF16_TARGET.get(cls))
             elif r['precision'] == 'fp32':
                 fraction = r['achieved_gflops'] / fp32_ceiling
-                row('fp32 step, fraction of the fp32 ceiling' + (' compiled' if r['compile'] else ''),
+                row(f'fp32 step{_variant(r)}, fraction of the fp32 ceiling',
                     f"{100 * fraction:.1f}% of {fp32_ceiling:.0f} GFLOP/s, {r['step_s_median']:.3f} s per step of "
                     f"{r['batch']}", fraction, FP32_TARGET)
             old = next((b for b in (baseline or {}).get('results', []) if _label(b) == label
@@ -796,7 +873,7 @@ def target_rows(peak: dict | None, train: dict | None, eval_: dict | None, data:
     if data:
         row('data worker (official_pgseg with draft) against the released transform',
             f"{data['rates']['official_pgseg_draft']:.1f} against {data['rates']['released']:.1f} img/s: "
-            f"{data['vs_released']:.2f}x", data['vs_released'], DATA_TARGET)
+            f"{data['vs_released']:.3f}x", data['vs_released'], DATA_TARGET)
     if peak and not rows:
         row('ceilings', f"bf16 {peak['matmul_gflops']['bf16']:.0f}, fp32 {peak['matmul_gflops']['fp32']:.0f} GFLOP/s")
     return rows
@@ -850,7 +927,7 @@ def _write(result: dict, out_dir: str, mode: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='mode', required=True)
-    modes = {m: sub.add_parser(m) for m in ('peak', 'train', 'eval', 'data', 'all', 'targets')}
+    modes = {m: sub.add_parser(m) for m in ('peak', 'train', 'eval', 'data', 'all', 'targets', 'accuracy')}
     modes['model'] = sub.add_parser('model', help='the former name of train')
     step = sub.add_parser('_step', help=argparse.SUPPRESS)
     for p in list(modes.values()) + [step]:
@@ -881,8 +958,13 @@ def main(argv=None) -> int:
         p.add_argument('--nproc', type=int, default=1, help='processes (torchrun, gloo on the CPU)')
         p.add_argument('--precisions', nargs='+', default=None, choices=['fp32', 'bf16'],
                        help='default: fp32, and bf16 where the device has native bf16')
-        p.add_argument('--attention', choices=['auto', 'math', 'fused'], default=None,
-                       help="model.attention for the step (default: the config's, 'auto')")
+        kernels = ['auto', 'math', 'shifted', 'fused']
+        if p is step:
+            p.add_argument('--attention', choices=kernels, default=None)
+        else:
+            p.add_argument('--attention', nargs='+', choices=kernels, default=None,
+                           help="model.attention for the step (default: the config's, 'auto'); several: each side by "
+                                'side')
         p.add_argument('--profile', type=int, default=0, metavar='STEPS',
                        help='after the timed steps, profile this many more (torch.profiler): self time per step by '
                             'operator family and the costliest operators, printed and in train.json')
@@ -905,6 +987,9 @@ def main(argv=None) -> int:
         p.add_argument('--size', type=int, default=512, help="the synthetic JPEGs' side (img2dataset's image_size)")
     for p in (modes['data'], modes['all']):
         p.add_argument('--repeats', type=int, default=5)
+    modes['accuracy'].add_argument('--batch', type=int, default=8)
+    modes['accuracy'].add_argument('--kernels', nargs='+', default=['math', 'shifted', 'fused'],
+                                   choices=['math', 'shifted', 'fused'], help='the bf16 attention kernels to compare')
     for p in (modes['targets'], modes['all']):
         p.add_argument('--baseline', default=None, help="an earlier train.json whose peak memory per precision (at the "
                        'same batch) the run must not exceed')
@@ -930,7 +1015,7 @@ def main(argv=None) -> int:
         return 0
     mode = 'train' if args.mode == 'model' else args.mode
     result = {'peak': mode_peak, 'train': mode_train, 'eval': mode_eval, 'data': mode_data,
-              'targets': mode_targets}[mode](args)
+              'targets': mode_targets, 'accuracy': mode_accuracy}[mode](args)
     _write(result, args.out_dir, mode)
     return 0
 

@@ -438,9 +438,16 @@ def test_attention_kernel_choice():
     model = pgseg.build_model(tiny_model_config()).train()
     cpu = torch.device('cpu')
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        with model.attention_kernels(cpu):  # CPU bf16 training: matmuls + softmax, SDPA math for the text tower
+        with model.attention_kernels(cpu):  # CPU bf16 training: shifted bf16 matmuls + softmax, SDPA math for text
+            assert current_attention_kernel() == 'shifted'
+            assert _cur_sdpa_kernel_backends() == [SDPBackend.MATH]
+    model.attention = 'math'
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with model.attention_kernels(cpu):  # math: float32 logits, SDPA's math backend for the text tower
             assert current_attention_kernel() == 'math'
             assert _cur_sdpa_kernel_backends() == [SDPBackend.MATH]
+    model.attention = 'auto'
+    with torch.autocast('cpu', dtype=torch.bfloat16):
         with torch.no_grad(), model.attention_kernels(cpu):  # inference: fused
             assert current_attention_kernel() == 'fused'
             assert SDPBackend.FLASH_ATTENTION in _cur_sdpa_kernel_backends()
@@ -451,7 +458,8 @@ def test_attention_kernel_choice():
     with torch.no_grad(), model.attention_kernels(cpu):
         assert current_attention_kernel() == 'math'
     model.cfg.attention = 'flash'
-    with pytest.raises(pgseg.ConfigError, match="model.attention must be 'auto', 'math' or 'fused', got 'flash'"):
+    expected = "model.attention must be 'auto', 'math', 'shifted' or 'fused', got 'flash'"
+    with pytest.raises(pgseg.ConfigError, match=expected):
         pgseg.config.validate(model.cfg)
 
 
@@ -467,13 +475,13 @@ def test_matmul_attention_matches_sdpa():
     ours, ref = ours.double(), ref.double()
     expected = ref(x)
     (g_ref,) = torch.autograd.grad(expected.square().sum(), x)
-    for kernel in ('fused', 'math'):
+    for kernel in ('fused', 'math', 'shifted'):
         with attention_kernel(kernel):
             got = ours(x)
         (g,) = torch.autograd.grad(got.square().sum(), x)
         assert torch.allclose(got, expected, atol=1e-10), kernel
         assert torch.allclose(g, g_ref, atol=1e-10), kernel
-    with pytest.raises(ValueError, match="attention kernel must be 'fused' or 'math', got 'flash'"):
+    with pytest.raises(ValueError, match="attention kernel must be one of 'fused', 'math', 'shifted', got 'flash'"):
         with attention_kernel('flash'):
             pass
 
@@ -492,6 +500,32 @@ def test_matmul_kernel_keeps_logits_in_float32_under_bf16_autocast():
     assert (out.double() - exact).abs().max() < 0.016
 
 
+def test_shifted_kernel_keeps_large_logits_precise_in_bf16():
+    """The shifted kernel computes in bf16 throughout, yet its output stays within bf16's own output rounding of the
+    exact attention at logits up to about 30, where plain bf16 logits are off by 0.08; its gradients are as close to
+    float64's as the float32-logit kernel's."""
+    from pgseg.models.attention import attention_kernel, scaled_dot_product_attention
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 2, 50, 16) * 3).bfloat16(), (torch.randn(2, 2, 50, 16) * 3).bfloat16()
+    v, grad = torch.randn(2, 2, 50, 16).bfloat16(), torch.randn(2, 2, 50, 16)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    exact = torch.softmax(q64 @ k64.transpose(-1, -2) / 4, -1) @ v64
+    exact_grads = torch.autograd.grad(exact, (q64, k64, v64), grad.double())
+    errors = {}
+    for kernel in ('math', 'shifted'):
+        qk = [t.clone().requires_grad_() for t in (q, k, v)]
+        with attention_kernel(kernel), torch.autocast('cpu', dtype=torch.bfloat16):
+            out = scaled_dot_product_attention(*qk)
+        grads = torch.autograd.grad(out, qk, grad.bfloat16())
+        errors[kernel] = [float((g.double() - e).norm() / e.norm()) for g, e in zip(grads, exact_grads)]
+        assert out.dtype == torch.bfloat16
+        assert (out.double() - exact).abs().max() < 0.016, kernel
+    plain = torch.softmax((q @ k.transpose(-1, -2)) / 4, -1) @ v  # bf16 logits, no shift
+    assert (plain.double() - exact).abs().max() > 0.05
+    for shifted, float32_logits in zip(errors['shifted'], errors['math']):
+        assert shifted < 2 * float32_logits + 2e-3, errors
+
+
 def test_matmul_kernel_routes_every_image_attention(monkeypatch):
     """Under the matmul kernel no attention of the image tower (ViT blocks, grouping blocks) reaches SDPA."""
     import torch.nn.functional as F
@@ -502,16 +536,17 @@ def test_matmul_kernel_routes_every_image_attention(monkeypatch):
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    with attention_kernel('math'):
-        model.img_encoder(images)
-    assert calls == []
+    for kernel in ('math', 'shifted'):
+        with attention_kernel(kernel):
+            model.img_encoder(images)
+        assert calls == [], kernel
     with attention_kernel('fused'):
         model.img_encoder(images)
     groupings = sum(layer.downsample is not None for layer in model.img_encoder.layers)  # one cross-attention each
     assert groupings > 0 and len(calls) == sum(model.cfg.image.depths) + groupings
 
 
-@pytest.mark.parametrize('attention', ['auto', 'math', 'fused'])
+@pytest.mark.parametrize('attention', ['auto', 'math', 'shifted', 'fused'])
 def test_activation_checkpointing_under_cpu_bf16_attention_matches(attention):
     """The CPU bf16 training path runs attention as matmuls + softmax (``auto``, ``math``) or flash (``fused``);
     checkpointed blocks must be recomputed with the same kernels (a different kernel saves different

@@ -205,13 +205,12 @@ class GroupSegModel(nn.Module):
         The backward pass follows the kernels the forward chose, so only forward calls need this."""
         choice = self.attention
         if choice == 'auto':
-            # CPU bf16 training: matmuls + softmax (float32 logits, the product with v in bf16) beat the CPU flash
-            # kernel, whose backward is slow (docs/performance.md#attention-on-the-cpu); PyTorch's fused choice
-            # otherwise (also CPU
-            # inference)
+            # CPU bf16 training: matmuls + softmax in bf16 around each row's maximum beat the CPU flash kernel, whose
+            # backward is slow, and the float32-logit matmuls, whose softmax and casts move four times the bytes
+            # (docs/performance.md#attention-on-the-cpu); PyTorch's fused choice otherwise (also CPU inference)
             cpu_bf16_training = (device.type == 'cpu' and torch.is_grad_enabled() and torch.is_autocast_enabled('cpu')
                                  and torch.get_autocast_dtype('cpu') == torch.bfloat16)
-            choice = 'math' if cpu_bf16_training else 'fused'
+            choice = 'shifted' if cpu_bf16_training else 'fused'
         return _attention_context(choice)
 
     # ------------------------------------------------------------------ utilities
@@ -235,9 +234,10 @@ class GroupSegModel(nn.Module):
 
 @contextlib.contextmanager
 def _attention_context(choice: str):
-    """``math``: pgseg's matmul attention, SDPA's math backend for the text tower; ``fused``: PyTorch's choice."""
+    """``math`` and ``shifted``: pgseg's matmul attention, SDPA's math backend for the text tower (the CPU flash
+    kernel's backward is slow: docs/performance.md#attention-on-the-cpu); ``fused``: PyTorch's choice."""
     with attention_kernel(choice):
-        with sdpa_kernel(SDPBackend.MATH) if choice == 'math' else contextlib.nullcontext():
+        with sdpa_kernel(SDPBackend.MATH) if choice in ('math', 'shifted') else contextlib.nullcontext():
             yield
 
 
