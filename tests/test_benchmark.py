@@ -76,4 +76,4 @@ def test_evaluation_and_data_rows(bench):
     assert rows['evaluation, fp32, one encoder pass per crop']['met'] is True
     assert rows['evaluation, bf16, one encoder pass per crop']['met'] is False
     data_row = rows['data worker (official_pgseg with draft) against the released transform']
-    assert data_row['met'] is True and '1.60x' in data_row['figure']
+    assert data_row['met'] is True and data_row['value'] == 1.6 and '1.600x' in data_row['figure']
