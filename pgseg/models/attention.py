@@ -11,8 +11,8 @@
 - ``'shifted'`` (``model.attention: shifted``): the same products in v's dtype throughout (bf16 under a bf16
   autocast), each row's logits computed around an estimate of its maximum: a first product without gradient gives
   the row maxima, and the second (``baddbmm``) adds minus that maximum inside its float32 accumulation, before the
-  result is rounded. The logits near the maximum, the ones the softmax weighs, are then
-  small and keep bf16's relative precision as absolute precision; plain bf16 logits lose about 0.1 of a logit of 30.
+  result is rounded. The logits near the maximum, the ones the softmax weighs, are then small and keep bf16's
+  relative precision as absolute precision; plain bf16 logits lose about 0.1 of a logit of 30.
   Against float64 it is as close as the CPU flash kernel; on the CPU it runs one bf16 attention about 3x faster
   than ``'math'``, whose float32 softmax and casts move four times the bytes, and the whole training step 1.1-1.2x
   faster (docs/performance.md#attention-on-the-cpu).
