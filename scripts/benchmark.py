@@ -416,6 +416,16 @@ def mode_train(args, peak: dict | None = None) -> dict:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         rows = [json.loads(line) for line in out.strip().splitlines() if line.startswith('{') and line != '{}']
         results.append(rows[-1])
+    # a compiled step's FLOPs were counted under its own kernel (switching it would recompile the losses): take the
+    # eager run's count of the same step where it ran, so every kernel is credited the model's FLOPs
+    for r in results:
+        eager = next((e for e in results if not e['compile'] and all(
+            e[k] == r[k] for k in ('precision', 'grad_checkpointing', 'attention'))), None)
+        if r['compile'] and eager is not None:
+            r['flops_per_step'], r['achieved_gflops'] = eager['flops_per_step'], eager['flops_per_step'] / r[
+                'step_s_median'] / 1e9
+            r['fraction_of_ceiling_beside'] = statistics.median(
+                r['flops_per_step'] / t / 1e9 / c for t, c in zip(r['step_s_all'], r['ceiling_beside_steps_gflops']))
     # the ceiling again after the steps (shared machines drift): fractions are taken against the higher one
     after = measure_peak(device)
     kind = peak['ceiling_precision']  # bf16, or fp32 where bf16 is emulated
@@ -864,7 +874,9 @@ def target_rows(peak: dict | None, train: dict | None, eval_: dict | None, data:
         for p, ratio in train.get('compile_speedups', {}).items():
             row(f'torch.compile, {p}', f'{ratio:.2f}x eager ({"wins" if ratio > 1.05 else "does not win"})', ratio)
     if eval_:
-        for p, r in eval_['by_precision'].items():
+        by_precision = eval_.get('by_precision') or {  # eval.json of one precision, as written before 2026-12-05
+            eval_.get('precision', '?'): {'results': eval_['results'], 'one_vs_two_pass': eval_.get('one_vs_two_pass')}}
+        for p, r in by_precision.items():
             one = r['results']['one_pass']['crops_per_s']
             ratio = r['one_vs_two_pass']
             row(f'evaluation, {p}, one encoder pass per crop',
@@ -911,8 +923,9 @@ def mode_targets(args) -> dict:
     machine = f"{first.get('cpu_class', 'unknown')} CPU, {first['threads']} threads" if first['device'] == 'cpu' \
         else first.get('gpu', first['device'])
     print_targets(rows, machine)
-    return {'mode': 'targets', **machine_info(torch.device(first['device'])), 'rows': rows,
-            'from': {m: bool(v) for m, v in found.items()}}
+    measured_on = {k: first[k] for k in ('machine', 'processor', 'cpu_count', 'cpu_class', 'threads', 'torch',
+                                           'device', 'gpu') if k in first}  # the machine the figures come from
+    return {'mode': 'targets', **measured_on, 'rows': rows, 'from': {m: bool(v) for m, v in found.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------- main

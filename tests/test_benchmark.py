@@ -77,3 +77,10 @@ def test_evaluation_and_data_rows(bench):
     assert rows['evaluation, bf16, one encoder pass per crop']['met'] is False
     data_row = rows['data worker (official_pgseg with draft) against the released transform']
     assert data_row['met'] is True and data_row['value'] == 1.6 and '1.600x' in data_row['figure']
+
+
+def test_an_eval_file_of_one_precision_still_reads(bench):
+    """eval.json as written before both precisions were timed in one run: one precision, its results at the top."""
+    old = {'precision': 'bf16', 'results': {'one_pass': {'crops_per_s': 9.0}}, 'one_vs_two_pass': 1.9}
+    row = bench.target_rows(None, None, old, None)[0]
+    assert row['target'] == 'evaluation, bf16, one encoder pass per crop' and row['met'] is True

@@ -526,6 +526,24 @@ def test_shifted_kernel_keeps_large_logits_precise_in_bf16():
         assert shifted < 2 * float32_logits + 2e-3, errors
 
 
+@pytest.mark.parametrize('kernel', ['math', 'shifted'])
+def test_matmul_kernels_equal_exact_attention_in_float64_for_cross_attention(kernel):
+    """The grouping blocks' cross-attention: 8 group tokens attend to 50 image tokens (S != N). In float64 both
+    matmul kernels are the exact attention, the shifted one included (its shift cancels in the softmax)."""
+    from pgseg.models.attention import attention_kernel, scaled_dot_product_attention
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 8, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 3, 50, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    exact = torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v
+    with attention_kernel(kernel):
+        out = scaled_dot_product_attention(q, k, v)
+    assert out.shape == (2, 3, 8, 16) and torch.allclose(out, exact, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    exact_grads = torch.autograd.grad(exact.square().sum(), (q, k, v))
+    for g, e in zip(grads, exact_grads):
+        assert torch.allclose(g, e, atol=1e-10)
+
+
 def test_matmul_kernel_routes_every_image_attention(monkeypatch):
     """Under the matmul kernel no attention of the image tower (ViT blocks, grouping blocks) reaches SDPA."""
     import torch.nn.functional as F
@@ -548,8 +566,8 @@ def test_matmul_kernel_routes_every_image_attention(monkeypatch):
 
 @pytest.mark.parametrize('attention', ['auto', 'math', 'shifted', 'fused'])
 def test_activation_checkpointing_under_cpu_bf16_attention_matches(attention):
-    """The CPU bf16 training path runs attention as matmuls + softmax (``auto``, ``math``) or flash (``fused``);
-    checkpointed blocks must be recomputed with the same kernels (a different kernel saves different
+    """The CPU bf16 training path runs attention as matmuls + softmax (``auto`` = ``shifted``, ``math``) or flash
+    (``fused``); checkpointed blocks must be recomputed with the same kernels (a different kernel saves different
     tensors and checkpointing refuses), in both towers."""
     images, tokens = tiny_batch()
     grads = []
