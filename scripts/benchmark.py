@@ -228,9 +228,23 @@ def profile_families(prof, steps: int) -> dict:
             'top_ops': [{'op': k, 'family': f, 's_per_step': s, 'calls_per_step': c} for s, k, f, c in ops[:10]]}
 
 
-def measure_train_step(args) -> dict:
+def _fraction_beside(flops: float, step_s: list[float], probes_gflops: list[float]) -> float:
+    """The median over the timed steps of each step's FLOP rate over the ceiling probed right after it."""
+    return statistics.median(flops / t / 1e9 / c for t, c in zip(step_s, probes_gflops))
+
+
+def _caption_tokens(batch: int, context_length: int, trim: bool = True) -> torch.Tensor:
+    """[batch, L] tokens of the benchmark's captions, trimmed after the last EOT as the trainer trims (exact under
+    the causal mask) unless ``trim`` is False (the released trainer's full context)."""
     import pgseg
     import pgseg.data.text
+    captions = [f'a photo of {i} red circles and a blue square on the grass' for i in range(batch)]
+    tokens = pgseg.tokenize(captions, context_length)
+    return pgseg.data.text.trim_padding(tokens) if trim else tokens
+
+
+def measure_train_step(args) -> dict:
+    import pgseg
     import pgseg.losses.contrastive
     import pgseg.losses.grouping
     import pgseg.models.npr
@@ -253,11 +267,7 @@ def measure_train_step(args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     size = cfg.image.img_size
     images = torch.randn(args.batch, 3, size, size, device=device)
-    captions = [f'a photo of {i} red circles and a blue square on the grass' for i in range(args.batch)]
-    tokens = pgseg.tokenize(captions, cfg.text.context_length)
-    if not args.full_context:  # what the trainer does to every batch (exact under the causal mask)
-        tokens = pgseg.data.text.trim_padding(tokens)
-    tokens = tokens.to(device)
+    tokens = _caption_tokens(args.batch, cfg.text.context_length, trim=not args.full_context).to(device)
     dtype = {'fp32': None, 'bf16': torch.bfloat16}[args.precision]
     objective = build_objective(model)
     if args.compile:
@@ -367,7 +377,7 @@ def measure_train_step(args) -> dict:
         'step_s_median': step_s, 'step_s_all': with_npr, 'images_per_s': args.batch / step_s,
         # the ceiling probed right after each timed step: the fraction of the step's rate paired with it
         'ceiling_beside_steps_gflops': beside,
-        'fraction_of_ceiling_beside': statistics.median(flops / t / 1e9 / c for t, c in zip(with_npr, beside)),
+        'fraction_of_ceiling_beside': _fraction_beside(flops, with_npr, beside),
         'flops_per_step': flops, 'achieved_gflops': flops / step_s / 1e9,
         'step_without_npr_s_median': statistics.median(without_npr) if without_npr else None,
         'step_without_npr_s_all': without_npr,
@@ -424,8 +434,8 @@ def mode_train(args, peak: dict | None = None) -> dict:
         if r['compile'] and eager is not None:
             r['flops_per_step'], r['achieved_gflops'] = eager['flops_per_step'], eager['flops_per_step'] / r[
                 'step_s_median'] / 1e9
-            r['fraction_of_ceiling_beside'] = statistics.median(
-                r['flops_per_step'] / t / 1e9 / c for t, c in zip(r['step_s_all'], r['ceiling_beside_steps_gflops']))
+            r['fraction_of_ceiling_beside'] = _fraction_beside(r['flops_per_step'], r['step_s_all'],
+                                                               r['ceiling_beside_steps_gflops'])
     # the ceiling again after the steps (shared machines drift): fractions are taken against the higher one
     after = measure_peak(device)
     kind = peak['ceiling_precision']  # bf16, or fp32 where bf16 is emulated
@@ -772,7 +782,6 @@ def mode_accuracy(args) -> dict:
     similarity. The bound a faster bf16 path is held to: its deviation from fp32 against the float32-logit kernel's
     and the flash kernel's (docs/performance.md#attention-on-the-cpu)."""
     import pgseg
-    import pgseg.data.text
     from pgseg.losses.objective import build_objective
 
     device = torch.device(args.device)
@@ -782,8 +791,7 @@ def mode_accuracy(args) -> dict:
     objective = build_objective(model)
     size = cfg.image.img_size
     images = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    captions = [f'a photo of {i} red circles and a blue square on the grass' for i in range(args.batch)]
-    tokens = pgseg.data.text.trim_padding(pgseg.tokenize(captions, cfg.text.context_length)).to(device)
+    tokens = _caption_tokens(args.batch, cfg.text.context_length).to(device)
 
     def run(kernel: str, dtype):
         model.attention = kernel
@@ -840,9 +848,12 @@ def target_rows(peak: dict | None, train: dict | None, eval_: dict | None, data:
     ``baseline``: an earlier ``train`` result whose peak memory the run must not exceed."""
     rows = []
 
-    def row(target, figure, value=None, goal=None, higher=True):
+    def row(target, figure, value=None, goal=None, higher=True, unit='x'):
         met = None if goal is None or value is None else (value >= goal if higher else value <= goal)
-        rows.append({'target': target, 'figure': figure, 'value': value, 'goal': goal, 'met': met})
+        goal_text = None if goal is None else ('>= ' if higher else '<= ') + (
+            f'{goal:.0%}' if unit == '%' else f'{goal:.0f} MB' if unit == 'MB' else f'{goal:.4g}x')
+        rows.append({'target': target, 'figure': figure, 'value': value, 'goal': goal, 'goal_text': goal_text,
+                     'met': met})
 
     if train:
         cls = train.get('cpu_class', 'unknown') if train['results'][0]['device'] == 'cpu' else 'GPU'
@@ -856,18 +867,18 @@ def target_rows(peak: dict | None, train: dict | None, eval_: dict | None, data:
                     f"{100 * r['fraction_of_ceiling']:.1f}% of {train['ceiling_gflops']:.0f} GFLOP/s "
                     f"({100 * r['fraction_of_ceiling_beside']:.1f}% of the probes beside the steps), "
                     f"{r['step_s_median']:.3f} s per step of {r['batch']}", r['fraction_of_ceiling'],
-                    BF16_TARGET.get(cls))
+                    BF16_TARGET.get(cls), unit='%')
             elif r['precision'] == 'fp32':
                 fraction = r['achieved_gflops'] / fp32_ceiling
                 row(f'fp32 step{_variant(r)}, fraction of the fp32 ceiling',
                     f"{100 * fraction:.1f}% of {fp32_ceiling:.0f} GFLOP/s, {r['step_s_median']:.3f} s per step of "
-                    f"{r['batch']}", fraction, FP32_TARGET)
+                    f"{r['batch']}", fraction, FP32_TARGET, unit='%')
             old = next((b for b in (baseline or {}).get('results', []) if _label(b) == label
                         and b['batch'] == r['batch']), None)
             row(f'peak memory, {label}, batch {r["batch"]}',
                 f"{r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})"
                 + (f", baseline {old['peak_memory_mb']:.0f} MB" if old else ''),
-                r['peak_memory_mb'], old['peak_memory_mb'] if old else None, higher=False)
+                r['peak_memory_mb'], old['peak_memory_mb'] if old else None, higher=False, unit='MB')
         for p, e in train.get('checkpointing', {}).items():
             row(f'activation checkpointing, {p}', f"peak memory {100 * (e['peak_memory_ratio'] - 1):+.0f}%, step "
                 f"time {100 * (e['step_time_ratio'] - 1):+.0f}%")
@@ -895,11 +906,8 @@ def print_targets(rows: list[dict], machine: str) -> None:
     print(f'\ntargets ({machine}):\n')
     width = max(len(r['target']) for r in rows) + 2
     for r in rows:
-        goal = '' if r['goal'] is None else (f">= {r['goal']:.0%}" if r['goal'] < 1 and 'fraction' in r['target']
-                                             else f"{'>=' if 'memory' not in r['target'] else '<='} "
-                                                  f"{r['goal']:.4g}")
         verdict = {True: 'met', False: 'NOT MET', None: ''}[r['met']]
-        print(f"{r['target']:<{width}}{r['figure']}" + (f'  [{goal}: {verdict}]' if goal else ''))
+        print(f"{r['target']:<{width}}{r['figure']}" + (f"  [{r['goal_text']}: {verdict}]" if r['goal_text'] else ''))
 
 
 def mode_targets(args) -> dict:
